@@ -1,0 +1,5 @@
+import sys
+
+from kdaug.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Frame conversion and LMDB storage."""

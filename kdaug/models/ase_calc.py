@@ -1,0 +1,75 @@
+"""Label-only teachers from ASE calculators (one system at a time, no gradients, no taps)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.calculators.calculator import Calculator
+from ase.data import atomic_numbers as symbol_to_z
+from torch_geometric.data import Batch
+
+from kdaug.errors import KdaugError
+from kdaug.models.protocol import AtomisticModel, ModelOutput
+
+
+class AseCalculatorModel(AtomisticModel):
+    """Wraps a calculator factory; energies and raw forces (constraints not applied)."""
+
+    differentiable = False
+    batched = False
+
+    def __init__(self, factory: Callable[[], Calculator], name: str,
+                 supported_elements: frozenset[int] | None = None) -> None:
+        super().__init__()
+        self.factory = factory
+        self.name = name
+        if supported_elements is not None:
+            self.supported_elements = supported_elements
+        self._calc = factory()
+
+    def compute(self, batch: Batch, taps: tuple[str, ...]) -> ModelOutput:
+        pos = batch.pos.detach().cpu().double().numpy()
+        numbers = batch.atomic_numbers.cpu().numpy()
+        cells = batch.cell.detach().cpu().double().numpy()
+        bounds = batch.ptr.cpu().tolist()
+        energies, forces = [], []
+        for system, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            atoms = Atoms(numbers=numbers[start:stop], positions=pos[start:stop], cell=cells[system], pbc=True)
+            atoms.calc = self._calc
+            try:
+                energies.append(atoms.get_potential_energy())
+                forces.append(atoms.get_forces())
+            except Exception as err:  # third-party calculators raise anything
+                msg = f"teacher {self.name} failed on system {system}: {type(err).__name__}: {err}"
+                raise KdaugError(msg) from err
+        device = batch.pos.device
+        return ModelOutput(
+            energy=torch.tensor(np.array(energies), dtype=batch.pos.dtype, device=device),
+            forces=torch.tensor(np.concatenate(forces), dtype=batch.pos.dtype, device=device),
+        )
+
+
+def emt() -> AseCalculatorModel:
+    """ASE's EMT: the cheap stand-in for DFT (Al, Cu, Ag, Au, Ni, Pd, Pt with H, C, N, O)."""
+    from ase.calculators.emt import EMT, parameters
+
+    return AseCalculatorModel(EMT, "emt", frozenset(symbol_to_z[s] for s in parameters))
+
+
+def from_spec(spec: str) -> AseCalculatorModel:
+    """`ase:package.module:ClassName` -> a label-only teacher around that calculator class."""
+    parts = spec.split(":")
+    if len(parts) != 3 or not all(parts[1:]):
+        msg = f"--teacher {spec}: expected ase:package.module:CalculatorClass"
+        raise KdaugError(msg)
+    _, module_name, class_name = parts
+    try:
+        factory = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as err:
+        msg = f"--teacher {spec}: cannot import {class_name} from {module_name} ({err})"
+        raise KdaugError(msg) from err
+    return AseCalculatorModel(factory, spec)

@@ -1,0 +1,217 @@
+"""fairchem v1 GNNs (GemNet-OC, PaiNN, SchNet) behind `AtomisticModel`, with KD taps.
+
+Taps come from forward hooks on fairchem's own modules, registered only for a
+forward that asks for them (no taps, no hooks):
+
+| model     | node                        | atom_energy        | vector                  | edge                 |
+| painn     | input of out_energy (N,H)   | out_energy (N,1)   | input of out_forces     | -                    |
+| schnet    | input of lin1 (N,H)         | lin2 (N,1)         | -                       | -                    |
+| gemnet_oc | out_mlp_E output x_E (N,256)| out_energy (N,1)   | -                       | out_mlp_F output x_F |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch_geometric.data import Batch
+
+from kdaug.errors import KdaugError
+from kdaug.models.protocol import AtomisticModel, EdgeFeatures, ModelOutput
+
+# (module attribute, what to record): "input0"/"input1" = positional input, "output" = output.
+_TAP_SITES: dict[str, dict[str, tuple[str, str]]] = {
+    "painn": {"node": ("out_energy", "input0"), "atom_energy": ("out_energy", "output"),
+              "vector": ("out_forces", "input1")},
+    "schnet": {"node": ("lin1", "input0"), "atom_energy": ("lin2", "output")},
+    "gemnet_oc": {"node": ("out_mlp_E", "output"), "atom_energy": ("out_energy", "output"),
+                  "edge": ("out_mlp_F", "output")},
+}
+_N_ELEMENTS = {"painn": 83, "gemnet_oc": 83, "schnet": 99}
+OC20_CHECKPOINTS_HINT = (
+    "OC20 checkpoints are published by fairchem (see fairchem.core.models.model_registry"
+    ".available_pretrained_models, e.g. 'GemNet-OC-S2EF-OC20-All'); download one on a machine "
+    "with internet and pass its path with --checkpoint"
+)
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def build_fairchem_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    """Instantiate fairchem's registered model class `name` with `kwargs`."""
+    import fairchem.core.models.gemnet_oc.gemnet_oc
+    import fairchem.core.models.painn.painn
+    import fairchem.core.models.schnet  # noqa: F401  (these imports register the classes)
+    from fairchem.core.common.registry import registry
+
+    if name not in _TAP_SITES:
+        msg = f"model name {name!r}: expected one of {', '.join(sorted(_TAP_SITES))}"
+        raise KdaugError(msg)
+    kwargs = dict(kwargs)
+    kwargs["otf_graph"] = True  # our LMDBs store no edges
+    try:
+        return registry.get_model_class(name)(**kwargs)
+    except TypeError as err:
+        msg = f"model config for {name}: {err}"
+        raise KdaugError(msg) from err
+
+
+class FairchemModel(AtomisticModel):
+    """Adapter over a fairchem v1 model instance.
+
+    Args:
+        module: the fairchem model (e.g. `fairchem.core.models.painn.PaiNN`).
+        model_name: fairchem registry name ("painn", "schnet", "gemnet_oc").
+        model_kwargs: constructor arguments (saved with checkpoints).
+        name: display name (e.g. "painn-small").
+    """
+
+    def __init__(self, module: nn.Module, model_name: str, model_kwargs: dict[str, Any], name: str) -> None:
+        super().__init__()
+        self.module = module
+        self.model_name = model_name
+        self.model_kwargs = dict(model_kwargs)
+        self.name = name
+        sites = dict(_TAP_SITES[model_name])
+        if model_name == "painn" and not getattr(module, "direct_forces", False):
+            sites.pop("vector")  # out_forces only exists with direct forces
+        self._sites = sites
+        self.implemented_taps = frozenset(sites)
+        self.supported_elements = frozenset(range(1, _N_ELEMENTS[model_name] + 1))
+
+    @contextlib.contextmanager
+    def _recording(self, taps: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+        recorded: dict[str, Any] = {}
+        handles = []
+
+        def hook_for(tap: str, what: str) -> Callable:
+            if what == "output":
+                return lambda _m, _args, out: recorded.__setitem__(tap, out)
+            index = int(what[-1])
+            return lambda _m, args: recorded.__setitem__(tap, args[index])
+
+        for tap in taps:
+            attribute, what = self._sites[tap]
+            module = getattr(self.module, attribute)
+            hook = hook_for(tap, what)
+            handles.append(module.register_forward_hook(hook) if what == "output"
+                           else module.register_forward_pre_hook(hook))
+        original = None
+        if "edge" in taps:  # GemNet-OC's edge index/vectors live in its main graph dict
+            original = self.module.get_graphs_and_indices
+
+            def graphs_and_indices(data: Batch) -> tuple:
+                graphs = original(data)
+                recorded["main_graph"] = graphs[0]
+                return graphs
+
+            self.module.get_graphs_and_indices = graphs_and_indices
+        try:
+            yield recorded
+        finally:
+            for handle in handles:
+                handle.remove()
+            if original is not None:
+                del self.module.get_graphs_and_indices
+
+    def compute(self, batch: Batch, taps: tuple[str, ...]) -> ModelOutput:
+        with self._recording(taps) as recorded:
+            out = self.module(batch)
+        result = {}
+        for tap in taps:
+            value = recorded[tap]
+            if tap == "atom_energy":
+                value = value.view(-1)
+            elif tap == "edge":
+                graph = recorded["main_graph"]
+                value = EdgeFeatures(features=value, edge_index=graph["edge_index"], vectors=graph["vector"])
+            result[tap] = value
+        return ModelOutput(energy=out["energy"].view(-1), forces=out["forces"], taps=result)
+
+    # -- checkpoints -----------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a fairchem-style checkpoint: config["model"] + model_attributes and a `module.` state dict."""
+        state = {f"module.{key}": value for key, value in self.module.state_dict().items()}
+        config = {"model": self.model_name, "model_attributes": self.model_kwargs, "kdaug_name": self.name}
+        torch.save({"state_dict": state, "config": config}, path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Load a fairchem v1 checkpoint: strips `module.` prefixes, prefers EMA weights,
+        applies legacy GemNet-OC scale factors; names the mismatched keys otherwise."""
+        checkpoint = read_checkpoint(path)
+        state = {_strip_module(key): value for key, value in checkpoint.get("state_dict", checkpoint).items()}
+        own = self.module.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or wrong_shape:
+            parts = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                     for label, keys in (("missing", missing), ("unexpected", unexpected),
+                                         ("wrong shape", wrong_shape)) if keys]
+            msg = f"checkpoint {path} does not fit model config {self.name} ({'; '.join(parts)})"
+            raise KdaugError(msg)
+        self.module.load_state_dict(state)
+        ema = checkpoint.get("ema")
+        if ema and ema.get("shadow_params"):
+            trainable = [p for p in self.module.parameters() if p.requires_grad]
+            shadows = ema["shadow_params"]
+            if len(shadows) != len(trainable) or any(s.shape != p.shape for s, p in zip(shadows, trainable)):
+                msg = f"checkpoint {path}: EMA weights do not fit model config {self.name}"
+                raise KdaugError(msg)
+            with torch.no_grad():
+                for param, shadow in zip(trainable, shadows):
+                    param.copy_(shadow)
+        if checkpoint.get("scale_dict"):
+            from fairchem.core.modules.scaling.compat import load_scales_compat
+
+            load_scales_compat(self.module, checkpoint["scale_dict"])
+        self.checkpoint_sha256 = sha256_of(path)
+
+
+def _strip_module(key: str) -> str:
+    while key.startswith("module."):
+        key = key[len("module.") :]
+    return key
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        msg = f"--checkpoint {path}: no such file. {OC20_CHECKPOINTS_HINT}"
+        raise KdaugError(msg)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch.load raises many kinds for a file that is not a checkpoint
+        msg = f"--checkpoint {path}: not a torch checkpoint ({type(err).__name__})"
+        raise KdaugError(msg) from err
+    if not isinstance(checkpoint, dict):
+        msg = f"--checkpoint {path}: expected a dict with a state_dict, got {type(checkpoint).__name__}"
+        raise KdaugError(msg)
+    return checkpoint
+
+
+def model_config_from_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, Any], str]:
+    """(fairchem name, kwargs, display name) stored in a fairchem checkpoint's config."""
+    config = read_checkpoint(path).get("config") or {}
+    model = config.get("model")
+    if isinstance(model, dict):  # newer layout: {"name": ..., **kwargs}
+        kwargs = {k: v for k, v in model.items() if k != "name"}
+        name = model.get("name")
+    else:
+        name, kwargs = model, dict(config.get("model_attributes") or {})
+    if not name:
+        msg = f"--checkpoint {path}: has no model config; pass the model config too"
+        raise KdaugError(msg)
+    return name, kwargs, config.get("kdaug_name", name)

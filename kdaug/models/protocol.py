@@ -1,0 +1,96 @@
+"""The model interface every generator and the trainer use.
+
+A model takes a PyG `Batch` (pos (N,3) Angstrom, atomic_numbers (N,), cell (S,3,3),
+natoms (S,), batch (N,) system index; tags/fixed optional) and returns a
+`ModelOutput`: energy (S,) eV, forces (N,3) eV/Angstrom and the KD taps asked for.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from ase.data import chemical_symbols
+from torch import nn
+from torch_geometric.data import Batch
+
+from kdaug.errors import PropertyNotAvailable, UnsupportedElement
+
+TAPS: tuple[str, ...] = ("node", "edge", "vector", "atom_energy")
+
+
+@dataclass
+class EdgeFeatures:
+    """Edge tap: features (E, D) on directed edges, edge_index (2, E) as (source, target),
+    vectors (E, 3) unit vectors along each edge (the model's own convention)."""
+
+    features: torch.Tensor
+    edge_index: torch.Tensor
+    vectors: torch.Tensor
+
+
+@dataclass
+class ModelOutput:
+    """energy (S,) eV; forces (N, 3) eV/Angstrom; taps by name:
+    node (N, D), edge `EdgeFeatures`, vector (N, 3, D), atom_energy (N,) eV."""
+
+    energy: torch.Tensor
+    forces: torch.Tensor
+    taps: dict[str, torch.Tensor | EdgeFeatures] = field(default_factory=dict)
+
+
+class AtomisticModel(nn.Module, abc.ABC):
+    """Base class of the adapters.
+
+    Attributes:
+        name: short name used in provenance (e.g. "chgnet", "painn-small").
+        implemented_taps: the taps `forward` can return.
+        supported_elements: atomic numbers the model may be asked about.
+        differentiable: outputs are differentiable w.r.t. `batch.pos` (needed by
+            the adversarial generator); False for label-only teachers.
+        checkpoint_sha256: sha256 of the loaded checkpoint file, None if none.
+    """
+
+    name: str = "model"
+    implemented_taps: frozenset[str] = frozenset()
+    supported_elements: frozenset[int] = frozenset(range(1, 119))
+    differentiable: bool = True
+    batched: bool = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checkpoint_sha256: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        for tensor in self.parameters():
+            return tensor.device
+        return torch.device("cpu")
+
+    def check_elements(self, atomic_numbers: Iterable[int]) -> None:
+        """Raise `UnsupportedElement` naming the first element this model does not support."""
+        unsupported = sorted(set(int(z) for z in atomic_numbers) - self.supported_elements)
+        if unsupported:
+            names = ", ".join(chemical_symbols[z] for z in unsupported)
+            msg = f"model {self.name} does not support element(s) {names}"
+            raise UnsupportedElement(msg)
+
+    def check_taps(self, taps: Iterable[str]) -> tuple[str, ...]:
+        taps = tuple(taps)
+        for tap in taps:
+            if tap not in self.implemented_taps:
+                available = ", ".join(sorted(self.implemented_taps)) or "none"
+                msg = f"model {self.name} has no {tap!r} tap (available: {available})"
+                raise PropertyNotAvailable(msg)
+        return taps
+
+    def forward(self, batch: Batch, taps: Iterable[str] = ()) -> ModelOutput:
+        taps = self.check_taps(taps)
+        self.check_elements(batch.atomic_numbers.unique().tolist())
+        return self.compute(batch, taps)
+
+    @abc.abstractmethod
+    def compute(self, batch: Batch, taps: tuple[str, ...]) -> ModelOutput:
+        """Energy, forces and the (already validated) taps for `batch`."""
