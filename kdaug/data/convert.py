@@ -1,6 +1,6 @@
 """Frame <-> torch_geometric Data (OC20 S2EF layout) <-> ase.Atoms.
 
-The stored layout is fairchem's `AtomsToGraphs` output (pos, cell, atomic_numbers,
+The stored layout is that of fairchem's `AtomsToGraphs` output (pos, cell, atomic_numbers,
 natoms, tags, fixed, sid) with the OC20 S2EF label names `y` (energy, eV) and
 `force` (eV/Angstrom, raw: fixed atoms included), plus `fid` and our provenance
 fields. Readers also accept AtomsToGraphs' own `energy`/`forces` names.
@@ -15,7 +15,6 @@ import torch
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
-from fairchem.core.preprocessing import AtomsToGraphs
 from torch_geometric.data import Data
 
 from kdaug.types import Frame, Provenance
@@ -23,7 +22,6 @@ from kdaug.types import Frame, Provenance
 # Provenance fields are always present so that frames of different origins
 # collate into one batch: '' stands for "none", parent (-1, -1) for "no parent".
 _NO_PARENT = (-1, -1)
-_A2G = AtomsToGraphs(r_energy=True, r_forces=True, r_fixed=True, r_edges=False, r_distances=False)
 
 
 def frame_to_atoms(frame: Frame) -> Atoms:
@@ -80,18 +78,29 @@ def atoms_to_frame(
 
 
 def frame_to_data(frame: Frame) -> Data:
-    """PyG Data in the OC20 S2EF layout (positions wrapped into the cell, float32)."""
-    data = _A2G.convert(frame_to_atoms(frame), sid=frame.sid)
-    data.y, data.force = data.energy, data.forces
-    del data.energy, data.forces
-    data.fid = frame.fid
+    """PyG Data in the OC20 S2EF layout, with AtomsToGraphs' dtypes (float32 geometry).
+
+    Positions are stored as given, not wrapped into the cell (AtomsToGraphs wraps),
+    so a frame round-trips to within float32.
+    """
     prov = frame.provenance
-    data.origin = prov.origin
-    data.teacher = prov.teacher or ""
-    data.teacher_sha256 = prov.teacher_sha256 or ""
-    data.parent = torch.tensor([prov.parent or _NO_PARENT], dtype=torch.long)
-    data.details = json.dumps(prov.details, sort_keys=True)
-    return data
+    return Data(
+        cell=torch.tensor(frame.cell, dtype=torch.float32).view(1, 3, 3),
+        pos=torch.tensor(frame.positions, dtype=torch.float32),
+        atomic_numbers=torch.tensor(frame.atomic_numbers, dtype=torch.uint8),
+        natoms=frame.n_atoms,
+        tags=torch.tensor(frame.tags, dtype=torch.int),
+        sid=frame.sid,
+        fixed=torch.tensor(frame.fixed, dtype=torch.int),
+        y=float(frame.energy),
+        force=torch.tensor(frame.forces, dtype=torch.float32),
+        fid=frame.fid,
+        origin=prov.origin,
+        teacher=prov.teacher or "",
+        teacher_sha256=prov.teacher_sha256 or "",
+        parent=torch.tensor([prov.parent or _NO_PARENT], dtype=torch.long),
+        details=json.dumps(prov.details, sort_keys=True),
+    )
 
 
 def _scalar(value: object) -> object:

@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny EMT-labelled slabs (real physics, milliseconds) and the OC20 frame."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.build import add_adsorbate, fcc111
+from ase.calculators.emt import EMT
+from ase.constraints import FixAtoms
+
+from kdaug.data.convert import atoms_to_frame
+from kdaug.types import Frame, Provenance
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+OC20_FRAME = SHARED / "data" / "oc20_frame_atoms.json"
+
+
+def emt_slab(metal: str = "Cu", adsorbate: str = "O", seed: int = 0):
+    """A 2x2x3 fcc(111) slab with one adsorbate, OC20 tags, bottom layer fixed, rattled, EMT attached."""
+    slab = fcc111(metal, size=(2, 2, 3), vacuum=6.0)
+    layer = slab.get_tags()  # ase: 1 = top layer ... 3 = bottom
+    tags = np.where(layer == 1, 1, 0)
+    add_adsorbate(slab, adsorbate, 1.8, "fcc")
+    slab.set_tags(np.append(tags, 2))
+    slab.set_constraint(FixAtoms(mask=slab.get_tags() == 0))
+    slab.rattle(0.05, seed=seed)
+    slab.calc = EMT()
+    return slab
+
+
+def emt_frames(n: int, *, origin: str = "dft") -> list[Frame]:
+    frames = []
+    for i in range(n):
+        atoms = emt_slab(["Cu", "Pt", "Au"][i % 3], ["O", "H", "C"][i % 3], seed=i)
+        frames.append(atoms_to_frame(atoms, sid=100 + i, fid=i % 2, provenance=Provenance(origin=origin)))
+    return frames
+
+
+@pytest.fixture
+def frames() -> list[Frame]:
+    return emt_frames(6)
+
+
+@pytest.fixture
+def oc20_atoms():
+    if not OC20_FRAME.exists():
+        pytest.skip("../shared/data is absent")
+    from ase.io import read
+
+    return read(OC20_FRAME)
