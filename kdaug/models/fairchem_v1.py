@@ -127,6 +127,11 @@ class FairchemModel(AtomisticModel):
                 del self.module.get_graphs_and_indices
 
     def compute(self, batch: Batch, taps: tuple[str, ...]) -> ModelOutput:
+        # fairchem's radius_graph_pbc only looks at enough cell images for wrapped
+        # positions (AtomsToGraphs wraps); wrapping shifts by lattice vectors, so
+        # forces and gradients are unchanged.
+        batch = batch.clone()
+        batch.pos = wrap_positions(batch.pos, batch.cell, batch.batch)
         with self._recording(taps) as recorded:
             out = self.module(batch)
         result = {}
@@ -178,6 +183,14 @@ class FairchemModel(AtomisticModel):
 
             load_scales_compat(self.module, checkpoint["scale_dict"])
         self.checkpoint_sha256 = sha256_of(path)
+
+
+def wrap_positions(pos: torch.Tensor, cell: torch.Tensor, system_idx: torch.Tensor) -> torch.Tensor:
+    """(N,3) positions moved by whole lattice vectors into their cell (differentiable in pos)."""
+    atom_cell = cell[system_idx]
+    frac = torch.linalg.solve(atom_cell.transpose(1, 2), pos.unsqueeze(-1)).squeeze(-1)
+    shift = torch.floor(frac).detach()
+    return pos - torch.einsum("nj,nji->ni", shift, atom_cell)
 
 
 def _strip_module(key: str) -> str:
