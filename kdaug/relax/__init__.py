@@ -1,0 +1,1 @@
+"""Batched structure relaxation with per-system optimizer state and in-flight refill."""
