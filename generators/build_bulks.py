@@ -24,8 +24,9 @@ from ase import Atoms
 from ase.build import bulk
 from ase.data import atomic_numbers, covalent_radii, reference_states
 
+# OC20's bulk elements; C, H, N and O only occur in adsorbates.
 OC20_BULK_ELEMENTS = (
-    "Ag Al As Au B Bi C Ca Cd Cl Co Cr Cs Cu Fe Ga Ge Hf Hg In Ir K Mn Mo N Na Nb Ni O Os P Pb Pd "
+    "Ag Al As Au B Bi Ca Cd Cl Co Cr Cs Cu Fe Ga Ge Hf Hg In Ir K Mn Mo Na Nb Ni Os P Pb Pd "
     "Pt Rb Re Rh Ru S Sb Sc Se Si Sn Sr Ta Tc Te Ti Tl V W Y Zn Zr"
 ).split()
 HOSTS = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt", "Co", "Fe", "Ru", "Rh", "Ir")

@@ -1,0 +1,1 @@
+"""Sampling adsorbate+slab systems (fairchem-data-oc)."""
