@@ -102,25 +102,30 @@ class BatchedRelaxer:
 
     # -- model evaluation with OOM back-off ----------------------------------------------
     def _evaluate(self, pos, numbers, cell, natoms, tags, fixed) -> tuple[torch.Tensor, torch.Tensor]:
+        n_systems = len(natoms)
+        if n_systems > self.max_systems:
+            return self._evaluate_in_chunks(pos, numbers, cell, natoms, tags, fixed)
         batch = make_batch(pos.to(self.dtype), numbers, cell, natoms, tags, fixed)
         try:
             with torch.no_grad():
                 out = self.model(batch)
             return out.energy.detach().double(), out.forces.detach().double()
         except OutOfMemoryError:
-            n_systems = len(natoms)
             if n_systems == 1:
                 raise
-            half = n_systems // 2
-            self.max_systems = min(self.max_systems, half)
-            logger.warning("out of memory with %d systems; retrying in halves, batch limit now %d",
-                           n_systems, self.max_systems)
-            split = int(natoms[:half].sum())
-            first = self._evaluate(pos[:split], numbers[:split], cell[:half], natoms[:half], tags[:split],
-                                   fixed[:split])
-            second = self._evaluate(pos[split:], numbers[split:], cell[half:], natoms[half:], tags[split:],
-                                    fixed[split:])
-            return torch.cat([first[0], second[0]]), torch.cat([first[1], second[1]])
+            self.max_systems = n_systems // 2
+            logger.warning("out of memory with %d systems; batch limit now %d", n_systems, self.max_systems)
+            return self._evaluate_in_chunks(pos, numbers, cell, natoms, tags, fixed)
+
+    def _evaluate_in_chunks(self, pos, numbers, cell, natoms, tags, fixed) -> tuple[torch.Tensor, torch.Tensor]:
+        bounds = [0, *torch.cumsum(natoms, 0).tolist()]
+        parts = []
+        for first in range(0, len(natoms), self.max_systems):
+            last = min(first + self.max_systems, len(natoms))
+            atoms = slice(bounds[first], bounds[last])
+            parts.append(self._evaluate(pos[atoms], numbers[atoms], cell[first:last], natoms[first:last],
+                                        tags[atoms], fixed[atoms]))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     # -- main loop ------------------------------------------------------------------------
     def run(self, tasks: Iterable[RelaxTask], keep: Callable[[RelaxTask, int], bool] = lambda task, step: True,
