@@ -59,7 +59,7 @@ class GenerateConfig:
     fmax: float = 0.05
     max_steps: int = 200
     frame_fraction: float = 0.1
-    max_systems_per_batch: int = 32
+    max_systems_per_batch: int | None = None  # None: 1 on CPU (batching does not pay there), 32 on CUDA
     max_atoms_per_batch: int | None = None
     num_workers: int = 2
     num_shards: int | None = None
@@ -73,7 +73,8 @@ class GenerateConfig:
             (self.placement in PLACEMENT_MODES, "--placement", f"one of {', '.join(PLACEMENT_MODES)}"),
             (self.fmax > 0, "--fmax", "positive"),
             (self.max_steps >= 0, "--max-steps", "non-negative"),
-            (self.max_systems_per_batch >= 1, "--max-systems-per-batch", "at least 1"),
+            (self.max_systems_per_batch is None or self.max_systems_per_batch >= 1, "--max-systems-per-batch",
+             "at least 1"),
             (self.num_workers >= 0, "--num-workers", "non-negative"),
         ]
         for ok, flag, expected in checks:
@@ -154,7 +155,8 @@ def run_generate(config: GenerateConfig, *, progress: bool = True, on_step=None)
     sids = [sid for sid in range(shard_index, config.n_systems, num_shards) if str(sid) not in done]
     logger.info("shard %d/%d: %d systems to do, %d already done", shard_index, num_shards, len(sids), len(done))
     relaxer = BatchedRelaxer(teacher, optimizer=config.optimizer, fmax=config.fmax, max_steps=config.max_steps,
-                             max_systems=config.max_systems_per_batch, max_atoms=config.max_atoms_per_batch,
+                             max_systems=config.max_systems_per_batch or (1 if config.device == "cpu" else 32),
+                             max_atoms=config.max_atoms_per_batch,
                              device=config.device, on_step=on_step)
     keep = FrameSelector(config.seed, config.frame_fraction)
     tasks = (to_task(system) for system in iter_systems(sampler, sids, num_workers=config.num_workers))

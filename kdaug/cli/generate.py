@@ -23,7 +23,7 @@ HELP = {
     "fmax": "convergence threshold on free-atom forces, eV/A",
     "max_steps": "optimizer steps per system at most",
     "frame_fraction": "probability of keeping each relaxation frame",
-    "max_systems_per_batch": "systems per teacher forward at most",
+    "max_systems_per_batch": "systems per teacher forward at most (default: 1 on CPU, 32 on CUDA)",
     "max_atoms_per_batch": "atoms per teacher forward at most",
     "num_workers": "sampling processes running ahead of the relaxer (0: in-process)",
     "num_shards": "split system ids over this many shards (default: torchrun/SLURM env, else 1)",

@@ -73,3 +73,29 @@ def from_spec(spec: str) -> AseCalculatorModel:
         msg = f"--teacher {spec}: cannot import {class_name} from {module_name} ({err})"
         raise KdaugError(msg) from err
     return AseCalculatorModel(factory, spec)
+
+
+class ModelCalculator(Calculator):
+    """Any `AtomisticModel` as an ASE calculator (one structure per call): energy (eV) and forces (eV/A)."""
+
+    implemented_properties = ("energy", "forces")
+
+    def __init__(self, model: AtomisticModel, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.model = model
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=None) -> None:
+        from kdaug.data.batch import make_batch
+
+        super().calculate(atoms, properties, system_changes)
+        dtype = next(self.model.parameters(), torch.zeros((), dtype=torch.float64)).dtype
+        device = self.model.device
+        batch = make_batch(
+            pos=torch.tensor(self.atoms.positions, dtype=dtype, device=device),
+            atomic_numbers=torch.tensor(self.atoms.numbers),
+            cell=torch.tensor(np.array(self.atoms.cell), dtype=dtype)[None],
+            natoms=torch.tensor([len(self.atoms)]),
+        )
+        with torch.no_grad():
+            out = self.model(batch)
+        self.results = {"energy": float(out.energy[0]), "forces": out.forces.detach().double().cpu().numpy()}
