@@ -1,0 +1,1 @@
+"""Teacher-labelled perturbations of existing frames: rattling and adversarial search."""

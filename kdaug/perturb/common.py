@@ -1,0 +1,74 @@
+"""Pieces shared by the perturbation generators: input selection, geometry checks, labelling, output."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.data import covalent_radii
+from ase.neighborlist import neighbor_list
+
+from kdaug.data.batch import batch_from_frames
+from kdaug.data.lmdb import FrameDataset, LmdbWriter
+from kdaug.errors import KdaugError
+from kdaug.models import AtomisticModel
+from kdaug.types import Frame, Provenance
+
+
+def check_output_not_input(input_path: str, out: str) -> None:
+    source, target = Path(input_path).resolve(), Path(out).resolve()
+    if target.is_relative_to(source) or source.is_relative_to(target):
+        msg = f"--out {out}: must not be (inside) the input {input_path}; nothing is written into inputs"
+        raise KdaugError(msg)
+
+
+def select_indices(n_frames: int, fraction: float, seed: int) -> list[int]:
+    """The same `round(fraction * n)` input indices (sorted) for a given seed."""
+    if not 0 < fraction <= 1:
+        msg = f"--fraction {fraction}: expected a value in (0, 1]"
+        raise KdaugError(msg)
+    count = max(1, round(fraction * n_frames)) if n_frames else 0
+    chosen = np.random.default_rng([seed, 0]).choice(n_frames, size=count, replace=False)
+    return sorted(int(i) for i in chosen)
+
+
+def too_close(frame: Frame, positions: np.ndarray, min_distance_factor: float) -> bool:
+    """True if two atoms are closer than `min_distance_factor` x the sum of their covalent radii (PBC aware)."""
+    atoms = Atoms(numbers=frame.atomic_numbers, positions=positions, cell=frame.cell, pbc=True)
+    first, _ = neighbor_list("ij", atoms, cutoff=min_distance_factor * covalent_radii[frame.atomic_numbers])
+    return len(first) > 0
+
+
+def label(frames: Sequence[Frame], teacher: AtomisticModel, *, device: str) -> list[tuple[float, np.ndarray]]:
+    """Teacher (energy eV, forces (n,3) eV/A) for each frame's positions, one batched forward."""
+    dtype = next(teacher.parameters(), torch.zeros((), dtype=torch.float64)).dtype
+    batch = batch_from_frames(frames, device=device, dtype=dtype)
+    with torch.no_grad():
+        out = teacher(batch)
+    energies = out.energy.detach().double().cpu().numpy()
+    forces = out.forces.detach().double().cpu().numpy()
+    bounds = np.cumsum([0, *(f.n_atoms for f in frames)])
+    return [(float(energies[k]), forces[bounds[k]:bounds[k + 1]]) for k in range(len(frames))]
+
+
+def derived_frame(parent: Frame, positions: np.ndarray, energy: float, forces: np.ndarray, *, copy: int,
+                  copies: int, origin: str, teacher: AtomisticModel, details: dict) -> Frame:
+    """A child frame: same system (sid) as its parent, fid = parent fid * copies + copy, provenance set."""
+    return dataclasses.replace(
+        parent, positions=positions, energy=energy, forces=forces, fid=parent.fid * copies + copy,
+        provenance=Provenance(origin=origin, teacher=teacher.name, teacher_sha256=teacher.checkpoint_sha256,
+                              parent=(parent.sid, parent.fid), details=details),
+    )
+
+
+def pending_chunks(dataset: FrameDataset, indices: Sequence[int], writer: LmdbWriter, chunk: int,
+                   ) -> Iterator[list[tuple[int, Frame]]]:
+    """Chunks of (input index, frame) not yet marked done in the output (resume)."""
+    done = writer.done_keys()
+    todo = [i for i in indices if str(i) not in done]
+    for start in range(0, len(todo), chunk):
+        yield [(i, dataset.frame(i)) for i in todo[start:start + chunk]]
