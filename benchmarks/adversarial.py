@@ -10,7 +10,6 @@ positions, plus the final teacher labelling.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
