@@ -181,3 +181,16 @@ def test_full_size_configs_build_with_paper_sizes():
     assert sizes["painn-small"] == pytest.approx(3.7e6, rel=0.05)
     assert sizes["schnet"] == pytest.approx(9.1e6, rel=0.05)
     assert isinstance(load_model("schnet"), FairchemModel)
+
+
+def test_model_calculator_passes_tags_and_matches_the_adapter(two_frames):
+    from kdaug.data.convert import frame_to_atoms
+    from kdaug.models.ase_calc import ModelCalculator
+
+    torch.manual_seed(0)
+    model = load_model("gemnet-oc-tiny")  # its quadruplet graph needs the OC20 tags
+    atoms = frame_to_atoms(two_frames[0])
+    atoms.calc = ModelCalculator(model)
+    expected = model(batch_from_frames(two_frames[:1]))
+    assert atoms.get_potential_energy() == pytest.approx(float(expected.energy[0]), rel=1e-5)
+    np.testing.assert_allclose(atoms.get_forces(apply_constraint=False), expected.forces.detach().numpy(), atol=1e-5)

@@ -90,11 +90,15 @@ class ModelCalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         dtype = next(self.model.parameters(), torch.zeros((), dtype=torch.float64)).dtype
         device = self.model.device
+        from kdaug.data.convert import fixed_mask
+
         batch = make_batch(
             pos=torch.tensor(self.atoms.positions, dtype=dtype, device=device),
             atomic_numbers=torch.tensor(self.atoms.numbers),
             cell=torch.tensor(np.array(self.atoms.cell), dtype=dtype)[None],
             natoms=torch.tensor([len(self.atoms)]),
+            tags=torch.tensor(self.atoms.get_tags()),  # GemNet-OC's quadruplets use tags
+            fixed=torch.tensor(fixed_mask(self.atoms)),
         )
         with torch.no_grad():
             out = self.model(batch)
