@@ -8,7 +8,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from ase.build import add_adsorbate, fcc111, molecule
-from ase.constraints import FixAtoms
 
 from kdaug.types import Frame
 
@@ -31,10 +30,6 @@ def oc20_sized_frame(seed: int = 0, metal: str = "Cu") -> Frame:
         sid=seed,
         fid=0,
     )
-
-
-def fixed_constraint(frame: Frame) -> FixAtoms:
-    return FixAtoms(mask=frame.fixed)
 
 
 def rate(fn: Callable[[], object], items_per_call: int, *, min_seconds: float = 2.0, device: str = "cpu",

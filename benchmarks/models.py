@@ -37,12 +37,11 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         for batch_size in args.batch_sizes:
             batch = batch_from_frames(frames[:batch_size], device=args.device)
-            results[name, batch_size] = rate(lambda: model(batch), batch_size, min_seconds=args.seconds,
-                                             device=args.device)
+            results[name, batch_size] = rate(lambda m=model, b=batch: m(b), batch_size,
+                                             min_seconds=args.seconds, device=args.device)
             reference = results.get(("gemnet-oc", batch_size))
             ratio = f"{results[name, batch_size] / reference:.2f}" if reference else "-"
             print(f"{name:<12} {n_params:>10,} {batch_size:>6} {results[name, batch_size]:>10.2f} {ratio:>12}")
-        del model
 
 
 if __name__ == "__main__":

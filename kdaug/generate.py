@@ -30,7 +30,7 @@ from kdaug.errors import KdaugError
 from kdaug.models import AtomisticModel, load_teacher
 from kdaug.relax.optimizers import OPTIMIZERS
 from kdaug.relax.runner import BatchedRelaxer, RelaxResult, RelaxTask
-from kdaug.sampling.oc import PLACEMENT_MODES, SamplerConfig, SampledSystem, SystemSampler, iter_systems
+from kdaug.sampling.oc import PLACEMENT_MODES, SampledSystem, SamplerConfig, SystemSampler, iter_systems
 from kdaug.types import Frame, Provenance
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from ase.optimize import LBFGS as AseLBFGS
 from kdaug.cli.main import main
 from kdaug.data.convert import fixed_mask
 from kdaug.data.lmdb import FrameDataset
-from kdaug.generate import GenerateConfig, anomaly, run_generate, to_task
+from kdaug.generate import GenerateConfig, anomaly, run_generate
 from kdaug.models import load_model
 from kdaug.relax.runner import BatchedRelaxer, RelaxResult, RelaxTask, StepRecord
 from kdaug.sampling.oc import SamplerConfig, SystemSampler, iter_systems

@@ -194,3 +194,22 @@ def test_model_calculator_passes_tags_and_matches_the_adapter(two_frames):
     expected = model(batch_from_frames(two_frames[:1]))
     assert atoms.get_potential_energy() == pytest.approx(float(expected.energy[0]), rel=1e-5)
     np.testing.assert_allclose(atoms.get_forces(apply_constraint=False), expected.forces.detach().numpy(), atol=1e-5)
+
+
+def test_legacy_gemnet_checkpoint_with_separate_scale_factors(two_frames, tmp_path):
+    from fairchem.core.modules.scaling import ScaleFactor
+
+    torch.manual_seed(3)
+    fitted = load_model("gemnet-oc-tiny")
+    scale_dict = {}
+    for index, (name, module) in enumerate(fitted.module.named_modules()):
+        if isinstance(module, ScaleFactor):
+            module.set_(0.5 + 0.1 * index)
+            scale_dict[module.name or name] = 0.5 + 0.1 * index
+    state = {f"module.{k}": v for k, v in fitted.module.state_dict().items() if not k.endswith(".scale_factor")}
+    path = tmp_path / "legacy.pt"
+    torch.save({"state_dict": state, "config": {"model": "gemnet_oc", "model_attributes": fitted.model_kwargs},
+                "scale_dict": scale_dict}, path)
+    loaded = load_model("gemnet-oc-tiny", checkpoint=path)
+    batch = batch_from_frames(two_frames)
+    torch.testing.assert_close(loaded(batch).energy, fitted(batch_from_frames(two_frames)).energy)

@@ -14,7 +14,6 @@ from kdaug.cli.main import main
 from kdaug.data.batch import batch_from_frames, make_batch
 from kdaug.data.convert import frame_to_atoms
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
-from kdaug.errors import KdaugError
 from kdaug.models import load_model, load_teacher
 from kdaug.perturb.adversarial import AdversarialConfig, AttackParams, adversarial_perturb, discrepancy, run_adversarial
 from kdaug.perturb.rattle import RattleConfig, run_rattle

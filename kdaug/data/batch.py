@@ -57,15 +57,3 @@ def batch_from_frames(frames: Sequence[Frame], *, device: str | torch.device = "
         fixed=torch.as_tensor(cat("fixed")),
     )
 
-
-def batch_from_data(batch: Batch, *, device: str | torch.device = "cpu",
-                    dtype: torch.dtype = torch.float32) -> Batch:
-    """Model input from a Batch collated out of stored frames (S2EF layout)."""
-    return make_batch(
-        pos=batch.pos.to(device=device, dtype=dtype),
-        atomic_numbers=batch.atomic_numbers,
-        cell=batch.cell.to(dtype=dtype),
-        natoms=torch.as_tensor(batch.natoms),
-        tags=batch.tags.long() if "tags" in batch else None,
-        fixed=batch.fixed.bool() if "fixed" in batch else None,
-    )

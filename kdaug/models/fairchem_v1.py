@@ -158,6 +158,9 @@ class FairchemModel(AtomisticModel):
         checkpoint = read_checkpoint(path)
         state = {_strip_module(key): value for key, value in checkpoint.get("state_dict", checkpoint).items()}
         own = self.module.state_dict()
+        legacy_scales = checkpoint.get("scale_dict")
+        if legacy_scales:  # older GemNet-OC checkpoints keep fitted scale factors beside the weights
+            state.update({k: v for k, v in own.items() if k.endswith(".scale_factor") and k not in state})
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         wrong_shape = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -178,10 +181,14 @@ class FairchemModel(AtomisticModel):
             with torch.no_grad():
                 for param, shadow in zip(trainable, shadows):
                     param.copy_(shadow)
-        if checkpoint.get("scale_dict"):
+        if legacy_scales:
             from fairchem.core.modules.scaling.compat import load_scales_compat
 
-            load_scales_compat(self.module, checkpoint["scale_dict"])
+            try:
+                load_scales_compat(self.module, legacy_scales)
+            except ValueError as err:
+                msg = f"checkpoint {path}: its scale_dict does not fit model config {self.name} ({err.args[1]})"
+                raise KdaugError(msg) from err
         self.checkpoint_sha256 = sha256_of(path)
 
 

@@ -111,9 +111,10 @@ def adversarial_perturb(batch: Batch, student: AtomisticModel, teacher: Atomisti
     return (base + delta).detach(), history
 
 
-@dataclass(frozen=True)
-class AdversarialConfig:
-    """Options of `kdaug adversarial` (distances in Angstrom, kT in eV)."""
+@dataclass(frozen=True, kw_only=True)
+class AdversarialConfig(AttackParams):
+    """Options of `kdaug adversarial`: the attack's parameters plus input, output and filters
+    (distances in Angstrom, kT in eV)."""
 
     input: str
     out: str
@@ -121,15 +122,6 @@ class AdversarialConfig:
     teacher: str = "chgnet"
     checkpoint: str | None = None
     device: str = "cpu"
-    steps: int = 5
-    alpha: float = 0.01
-    step_rule: str = "gradient"
-    orthogonal_to_force: bool = False
-    random_start: float = 0.0
-    max_displacement: float = 0.2
-    kT: float | None = None
-    energy_weight: float = 1.0
-    force_weight: float = 100.0
     min_distance_factor: float = 0.5
     min_rmsd: float = 0.005
     fraction: float = 1.0
@@ -137,8 +129,7 @@ class AdversarialConfig:
     batch_size: int = 4
 
     def params(self) -> AttackParams:
-        names = {f.name for f in dataclasses.fields(AttackParams)}
-        return AttackParams(**{k: v for k, v in dataclasses.asdict(self).items() if k in names})
+        return AttackParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AttackParams)})
 
 
 def run_adversarial(config: AdversarialConfig, *, progress: bool = True) -> dict:

@@ -120,7 +120,7 @@ class SystemSampler:
                     raise KdaugError(msg)
             self.adsorbate_ids = list(config.adsorbate_ids)
         if not self.adsorbate_ids:
-            msg = f"no adsorbate in fairchem-data-oc's database uses only elements the teacher supports"
+            msg = "no adsorbate in fairchem-data-oc's database uses only elements the teacher supports"
             raise KdaugError(msg)
         self._adsorbates = adsorbates
         self._slab_cache: OrderedDict[int, dict] = OrderedDict()
