@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from kdaug.cli.rattle import PERTURB_HELP
 from kdaug.config import add_config_arguments, build_config
 from kdaug.perturb.adversarial import AdversarialConfig, run_adversarial
 
 HELP = {
-    "input": "frame LMDB (file or directory of shards): OC20 S2EF, d1M or kdaug output",
-    "out": "output directory (resumed if it holds a previous run)",
+    **PERTURB_HELP,
     "student": "student checkpoint (saved by kdaug or fairchem; its config is read from it)",
     "teacher": "chgnet or a model config with --checkpoint (must be differentiable)",
-    "checkpoint": "teacher checkpoint",
-    "device": "cpu or cuda",
     "steps": "gradient-ascent steps",
     "alpha": "step size: Angstrom per unit gradient (gradient rule) or Angstrom per atom (normalized rule)",
     "step_rule": "gradient (alpha * g) or normalized (per-atom step of length alpha along g)",
@@ -24,11 +22,7 @@ HELP = {
     "kT": "weight the objective by exp(-(E_t(X+delta) - E_t(X)) / kT), eV (unset: no weighting)",
     "energy_weight": "alpha_E of L0",
     "force_weight": "alpha_F of L0",
-    "min_distance_factor": "reject frames with two atoms closer than this x their covalent-radius sum",
     "min_rmsd": "drop frames within this RMSD of their parent (free atoms), Angstrom",
-    "fraction": "fraction of the input frames to use",
-    "seed": "random seed",
-    "batch_size": "frames per forward",
 }
 
 

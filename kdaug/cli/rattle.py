@@ -8,18 +8,22 @@ import json
 from kdaug.config import add_config_arguments, build_config
 from kdaug.perturb.rattle import RattleConfig, run_rattle
 
-HELP = {
+# Help for the options every perturbation generator shares (kdaug.perturb.common.PerturbOptions).
+PERTURB_HELP = {
     "input": "frame LMDB (file or directory of shards): OC20 S2EF, d1M or kdaug output",
     "out": "output directory (resumed if it holds a previous run)",
     "teacher": "chgnet, emt, ase:module:Class, or a model config with --checkpoint",
     "checkpoint": "teacher checkpoint",
     "device": "cpu or cuda",
+    "fraction": "fraction of the input frames to use",
+    "min_distance_factor": "reject frames with two atoms closer than this x their covalent-radius sum",
+    "seed": "random seed",
+    "batch_size": "frames per forward",
+}
+HELP = {
+    **PERTURB_HELP,
     "sigma": "standard deviation of the noise on each coordinate of free atoms, Angstrom",
     "copies": "perturbed copies per input frame",
-    "fraction": "fraction of the input frames to use",
-    "min_distance_factor": "reject copies with two atoms closer than this x their covalent-radius sum",
-    "seed": "random seed",
-    "batch_size": "frames per teacher forward",
 }
 
 

@@ -26,7 +26,15 @@ from kdaug.data.batch import batch_from_frames, make_batch
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
 from kdaug.errors import KdaugError
 from kdaug.models import AtomisticModel, load_model, load_teacher
-from kdaug.perturb.common import check_output_not_input, derived_frame, label, pending_chunks, select_indices, too_close
+from kdaug.perturb.common import (
+    PerturbOptions,
+    check_output_not_input,
+    derived_frame,
+    label,
+    pending_chunks,
+    select_indices,
+    too_close,
+)
 from kdaug.relax.optimizers import segment_sum
 
 logger = logging.getLogger(__name__)
@@ -112,20 +120,12 @@ def adversarial_perturb(batch: Batch, student: AtomisticModel, teacher: Atomisti
 
 
 @dataclass(frozen=True, kw_only=True)
-class AdversarialConfig(AttackParams):
-    """Options of `kdaug adversarial`: the attack's parameters plus input, output and filters
-    (distances in Angstrom, kT in eV)."""
+class AdversarialConfig(AttackParams, PerturbOptions):
+    """Options of `kdaug adversarial`: the attack's parameters, the shared perturbation options,
+    the student and the near-duplicate filter (distances in Angstrom, kT in eV)."""
 
-    input: str
-    out: str
     student: str
-    teacher: str = "chgnet"
-    checkpoint: str | None = None
-    device: str = "cpu"
-    min_distance_factor: float = 0.5
     min_rmsd: float = 0.005
-    fraction: float = 1.0
-    seed: int = 0
     batch_size: int = 4
 
     def params(self) -> AttackParams:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,21 @@ from kdaug.data.lmdb import FrameDataset, LmdbWriter
 from kdaug.errors import KdaugError
 from kdaug.models import AtomisticModel
 from kdaug.types import Frame, Provenance
+
+
+@dataclass(frozen=True, kw_only=True)
+class PerturbOptions:
+    """Options every perturbation generator shares: input, output, teacher and the sample selection."""
+
+    input: str
+    out: str
+    teacher: str = "chgnet"
+    checkpoint: str | None = None
+    device: str = "cpu"
+    min_distance_factor: float = 0.5
+    fraction: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
 
 
 def check_output_not_input(input_path: str, out: str) -> None:

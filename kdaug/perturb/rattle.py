@@ -17,26 +17,25 @@ from tqdm import tqdm
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
 from kdaug.errors import KdaugError
 from kdaug.models import load_teacher
-from kdaug.perturb.common import check_output_not_input, derived_frame, label, pending_chunks, select_indices, too_close
+from kdaug.perturb.common import (
+    PerturbOptions,
+    check_output_not_input,
+    derived_frame,
+    label,
+    pending_chunks,
+    select_indices,
+    too_close,
+)
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class RattleConfig:
+@dataclass(frozen=True, kw_only=True)
+class RattleConfig(PerturbOptions):
     """Options of `kdaug rattle` (sigma and distances in Angstrom)."""
 
-    input: str
-    out: str
-    teacher: str = "chgnet"
-    checkpoint: str | None = None
-    device: str = "cpu"
     sigma: float = 0.05
     copies: int = 1
-    fraction: float = 1.0
-    min_distance_factor: float = 0.5
-    seed: int = 0
-    batch_size: int = 8
 
     def __post_init__(self) -> None:
         if self.sigma <= 0:
