@@ -144,13 +144,15 @@ def run_generate(config: GenerateConfig, *, progress: bool = True, on_step=None)
     """Generate (or resume) this shard's part of the dataset; returns the summary counts."""
     shard_index, num_shards = shard_from_environment(config.num_shards, config.shard_index)
     stem = "data" if num_shards == 1 else f"shard{shard_index:04d}-of-{num_shards:04d}"
-    writer = LmdbWriter(config.out, stem=stem, creation_args=dataclasses.asdict(config))
+    # Everything that can reject the input comes before the first byte is written.
     teacher = load_teacher(config.teacher, config.checkpoint, device=config.device)
-    writer.creation_args.update(teacher_name=teacher.name, teacher_sha256=teacher.checkpoint_sha256,
-                                shard_index=shard_index, num_shards=num_shards)
     sampler = SystemSampler(SamplerConfig(
         bulk_db=config.bulk_db, adsorbate_ids=config.adsorbate_ids, placement=config.placement,
         max_miller=config.max_miller, seed=config.seed, supported_elements=teacher.supported_elements))
+    creation_args = {**dataclasses.asdict(config), "teacher_name": teacher.name,
+                     "teacher_sha256": teacher.checkpoint_sha256, "shard_index": shard_index,
+                     "num_shards": num_shards}
+    writer = LmdbWriter(config.out, stem=stem, creation_args=creation_args)
     done = writer.done_keys()
     sids = [sid for sid in range(shard_index, config.n_systems, num_shards) if str(sid) not in done]
     logger.info("shard %d/%d: %d systems to do, %d already done", shard_index, num_shards, len(sids), len(done))

@@ -261,6 +261,7 @@ def test_bad_generate_input_is_one_line(tmp_path, bulk_db, make_args, expected):
     code, lines = cli(*args)
     assert code == 2
     assert len(lines) == 1 and re.search(expected, lines[0]), lines
+    assert not (tmp_path / "out").exists()  # rejected before anything was written
 
 
 def _write(path, payload):
