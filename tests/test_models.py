@@ -213,3 +213,9 @@ def test_legacy_gemnet_checkpoint_with_separate_scale_factors(two_frames, tmp_pa
     loaded = load_model("gemnet-oc-tiny", checkpoint=path)
     batch = batch_from_frames(two_frames)
     torch.testing.assert_close(loaded(batch).energy, fitted(batch_from_frames(two_frames)).energy)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_a_gpu_is_a_one_line_error():
+    with pytest.raises(KdaugError, match="--device cuda: no CUDA device is available"):
+        load_model("emt", device="cuda")

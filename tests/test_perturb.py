@@ -186,9 +186,14 @@ def test_cli_runs_and_bad_input_is_one_line(source, checkpoints, tmp_path):
         "into-input": ("rattle", "--input", str(source), "--out", str(source), "--teacher", "emt"),
         "bad-sigma": ("rattle", "--input", str(source), "--out", str(tmp_path / "x"), "--sigma", "-1"),
         "missing-input": ("rattle", "--input", str(tmp_path / "none"), "--out", str(tmp_path / "x")),
+        "bad-alpha": ("adversarial", "--input", str(source), "--out", str(tmp_path / "x"), "--student",
+                      checkpoints["student"], "--alpha", "0"),
+        "bad-rule": ("adversarial", "--input", str(source), "--out", str(tmp_path / "x"), "--student",
+                     checkpoints["student"], "--step-rule", "sideways"),
     }
     expected = {"label-only": "emt is label-only", "missing-student": "--student .*none.pt: no such checkpoint",
-                "into-input": "must not be", "bad-sigma": "--sigma -1.0", "missing-input": "no such file"}
+                "into-input": "must not be", "bad-sigma": "--sigma -1.0", "missing-input": "no such file",
+                "bad-alpha": "--alpha 0.0: expected positive", "bad-rule": "--step-rule sideways: expected one of"}
     import re
 
     for key, args in bad.items():

@@ -55,6 +55,19 @@ class AttackParams:
     energy_weight: float = 1.0
     force_weight: float = 100.0
 
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps >= 0, "--steps", "non-negative"),
+            (self.alpha > 0, "--alpha", "positive"),
+            (self.max_displacement > 0, "--max-displacement", "positive (Angstrom)"),
+            (self.random_start >= 0, "--random-start", "non-negative (Angstrom)"),
+            (self.kT is None or self.kT > 0, "--kT", "positive (eV)"),
+            (self.step_rule in STEP_RULES, "--step-rule", f"one of {', '.join(STEP_RULES)}"),
+        ]
+        for ok, flag, expected in checks:
+            if not ok:
+                raise KdaugError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))}: expected {expected}")
+
 
 def check_attack(student: AtomisticModel, teacher: AtomisticModel, params: AttackParams) -> None:
     """Refuse label-only models and unknown step rules before any work is done."""
