@@ -88,7 +88,7 @@ class ModelCalculator(Calculator):
         from kdaug.data.batch import make_batch
 
         super().calculate(atoms, properties, system_changes)
-        dtype = next(self.model.parameters(), torch.zeros((), dtype=torch.float64)).dtype
+        dtype = self.model.dtype
         device = self.model.device
         from kdaug.data.convert import fixed_mask
 

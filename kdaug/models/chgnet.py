@@ -40,7 +40,7 @@ class CHGNetModel(AtomisticModel):
         pos, cell = batch.pos, batch.cell
         numbers = batch.atomic_numbers.cpu().tolist()
         bounds = batch.ptr.cpu().tolist()
-        dtype = next(self.model.parameters()).dtype
+        dtype = self.dtype
         graphs = []
         for system, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
             cell_s = cell[system].to(dtype)

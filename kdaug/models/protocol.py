@@ -69,6 +69,14 @@ class AtomisticModel(nn.Module, abc.ABC):
             return tensor.device
         return torch.device("cpu")
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """Precision of the positions the model expects: its parameters' (float32 GNNs),
+        float64 for parameter-free calculators."""
+        for tensor in self.parameters():
+            return tensor.dtype
+        return torch.float64
+
     def check_elements(self, atomic_numbers: Iterable[int]) -> None:
         """Raise `UnsupportedElement` naming the first element this model does not support."""
         unsupported = sorted(set(int(z) for z in atomic_numbers) - self.supported_elements)

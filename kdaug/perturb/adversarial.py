@@ -160,12 +160,11 @@ def run_adversarial(config: AdversarialConfig, *, progress: bool = True) -> dict
     counts = {"inputs": 0, "written": 0, "rejected_min_distance": 0, "rejected_near_duplicate": 0}
     step_sums = np.zeros(params.steps + 1)
     n_batches = 0
-    dtype = next(teacher.parameters(), torch.zeros(())).dtype
     with LmdbWriter(config.out, creation_args=dataclasses.asdict(config)) as writer, \
             tqdm(total=len(indices), desc="adversarial", unit=" frames", disable=not progress) as bar:
         for chunk in pending_chunks(dataset, indices, writer, config.batch_size):
             frames = [frame for _, frame in chunk]
-            batch = batch_from_frames(frames, device=config.device, dtype=dtype)
+            batch = batch_from_frames(frames, device=config.device, dtype=teacher.dtype)
             generator = torch.Generator().manual_seed(config.seed * 1_000_003 + chunk[0][0])
             positions, history = adversarial_perturb(batch, student, teacher, params, generator=generator)
             step_sums += np.array(history)

@@ -61,8 +61,7 @@ def too_close(frame: Frame, positions: np.ndarray, min_distance_factor: float) -
 
 def label(frames: Sequence[Frame], teacher: AtomisticModel, *, device: str) -> list[tuple[float, np.ndarray]]:
     """Teacher (energy eV, forces (n,3) eV/A) for each frame's positions, one batched forward."""
-    dtype = next(teacher.parameters(), torch.zeros((), dtype=torch.float64)).dtype
-    batch = batch_from_frames(frames, device=device, dtype=dtype)
+    batch = batch_from_frames(frames, device=device, dtype=teacher.dtype)
     with torch.no_grad():
         out = teacher(batch)
     energies = out.energy.detach().double().cpu().numpy()

@@ -96,8 +96,7 @@ class BatchedRelaxer:
         self.max_systems = max_systems
         self.max_atoms = max_atoms
         self.device = torch.device(device)
-        # Model input precision: the model's own (float32 GNNs); float64 for parameter-free calculators.
-        self.dtype = next(model.parameters(), torch.zeros((), dtype=torch.float64)).dtype
+        self.dtype = model.dtype
         self.on_step = on_step
 
     # -- model evaluation with OOM back-off ----------------------------------------------
