@@ -171,3 +171,12 @@ def test_stored_layout_matches_atoms_to_graphs(frames):
             assert mine.dtype == a2g[key].dtype and mine.shape == a2g[key].shape, key
         else:
             assert type(mine) is type(a2g[key]), key
+
+
+def test_fingerprint_names_the_data_not_the_directory(tmp_path, frames):
+    for name, subset in (("a", frames), ("b", frames), ("c", frames[:-1])):
+        with LmdbWriter(tmp_path / name) as writer:
+            writer.write_batch(subset)
+    prints = {name: FrameDataset(tmp_path / name).fingerprint() for name in "abc"}
+    assert prints["a"] == prints["b"]
+    assert prints["a"] != prints["c"]

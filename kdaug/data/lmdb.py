@@ -18,6 +18,7 @@ loses at most the batch being written.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -329,6 +330,21 @@ class FrameDataset(torch.utils.data.Dataset):
         if raw is None:
             _check_frame(self.files[file_index], key, raw)
         return _normalise(pickle.loads(raw))
+
+    def fingerprint(self) -> str:
+        """sha256 naming this data: per file, its name and length, and the structure and labels of its first
+        and last frame (pickled bytes are not stable, so the arrays are hashed).
+
+        Cheap for millions of frames; caches and derived datasets use it to refuse data they were not made from.
+        """
+        digest = hashlib.sha256()
+        for file, length, offset in zip(self.files, self.lengths, self._offsets):
+            digest.update(f"{file.name}:{length}".encode())
+            for index in sorted({offset, offset + length - 1}) if length else ():
+                frame = self.frame(int(index))
+                for array in (frame.positions, frame.atomic_numbers, frame.cell, frame.forces, [frame.energy]):
+                    digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+        return digest.hexdigest()
 
     def frame(self, index: int) -> Frame:
         return data_to_frame(self[index])

@@ -1,0 +1,1 @@
+"""The training half: mixed DFT/synthetic sampling, losses, knowledge distillation and the student loop."""
