@@ -72,10 +72,14 @@ def _store_path(directory: Path, fingerprint: str) -> Path:
     return directory / f"{fingerprint}.lmdb"
 
 
-def _open_store(path: Path, *, write: bool) -> lmdb.Environment:
-    if write:
-        return lmdb.open(str(path), subdir=False, map_size=1 << 30, meminit=False, map_async=False)
+def _reader(path: Path) -> lmdb.Environment:
+    """A read-only handle to close after use. Handles are not kept: py-lmdb allows one per file and process,
+    and a DataLoader worker forked from a process holding one could not open its own."""
     return lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False)
+
+
+def _writer(path: Path) -> lmdb.Environment:
+    return lmdb.open(str(path), subdir=False, map_size=1 << 30, meminit=False, map_async=False)
 
 
 def _progress(env: lmdb.Environment) -> tuple[int | None, int]:
@@ -167,7 +171,7 @@ def build_teacher_cache(
 def _fill_store(teacher: AtomisticModel, dataset: FrameDataset, mode: str, path: Path, dtype: np.dtype,
                 batch_size: int, progress: bool) -> int:
     """Compute the frames of `dataset` not yet in the store at `path`; returns how many were computed."""
-    env = _open_store(path, write=True)
+    env = _writer(path)
     try:
         length, done = _progress(env)
         if length is None:
@@ -212,8 +216,6 @@ class TeacherCache:
         self.directory = directory
         self.stamp = stamp
         self.paths = paths
-        self._envs: list[lmdb.Environment] | None = None
-        self._pid = -1
 
     @classmethod
     def open(
@@ -251,9 +253,8 @@ class TeacherCache:
             path = _store_path(directory, fingerprint)
             length, done = (None, 0)
             if path.is_file():
-                env = _open_store(path, write=False)
-                length, done = _progress(env)
-                env.close()
+                with _reader(path) as env:
+                    length, done = _progress(env)
             if length is None or done < length:
                 name = names[k] if names is not None else f"dataset {k}"
                 state = "no" if length is None else f"incomplete ({done} of {length} frames)"
@@ -263,31 +264,20 @@ class TeacherCache:
             paths.append(path)
         return cls(directory, stamp, paths)
 
-    def _environments(self) -> list[lmdb.Environment]:
-        if self._envs is None or self._pid != os.getpid():
-            self._envs = [_open_store(path, write=False) for path in self.paths]
-            self._pid = os.getpid()
-        return self._envs
-
     def targets(self, batch: Batch) -> TeacherTargets:
         """Targets of the batch's frames (batch.dataset_idx, batch.local_idx (S,) long), in the batch's order,
         on its device and in its positions' dtype."""
-        envs = self._environments()
         dataset_idx = batch.dataset_idx.tolist()
         local_idx = batch.local_idx.tolist()
-        records = []
-        txns: dict[int, lmdb.Transaction] = {}
-        try:
-            for d, i in zip(dataset_idx, local_idx):
-                txn = txns.get(d) or txns.setdefault(d, envs[d].begin())
-                raw = txn.get(str(i).encode())
-                if raw is None:
-                    msg = f"--teacher-cache {self.directory}: {self.paths[d].name} has no frame {i}"
-                    raise KdaugError(msg)
-                records.append(pickle.loads(raw))
-        finally:
-            for txn in txns.values():
-                txn.abort()
+        raw: dict[tuple[int, int], bytes | None] = {}
+        for d in sorted(set(dataset_idx)):
+            with _reader(self.paths[d]) as env, env.begin() as txn:
+                raw.update({(d, i): txn.get(str(i).encode()) for dd, i in zip(dataset_idx, local_idx) if dd == d})
+        missing = next(((d, i) for (d, i), value in raw.items() if value is None), None)
+        if missing is not None:
+            msg = f"--teacher-cache {self.directory}: {self.paths[missing[0]].name} has no frame {missing[1]}"
+            raise KdaugError(msg)
+        records = [pickle.loads(raw[d, i]) for d, i in zip(dataset_idx, local_idx)]
         natoms = batch.natoms.tolist()
         for (n, *_), expected, d, i in zip(records, natoms, dataset_idx, local_idx):
             if n != expected:
@@ -301,13 +291,3 @@ class TeacherCache:
         if records[0][3] is not None:
             features = torch.from_numpy(np.concatenate([r[3] for r in records]))
         return TeacherTargets(energy, forces, features).to(device, dtype)
-
-    def close(self) -> None:
-        for env in self._envs or []:
-            env.close()
-        self._envs = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_envs"] = None
-        return state
