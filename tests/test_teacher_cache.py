@@ -118,6 +118,10 @@ def test_cli_refuses_modes_the_teacher_cannot_do_before_writing(setup, capsys):
     assert main(["teacher-cache", "--teacher", TEACHER, "--checkpoint", setup["checkpoints"][0], "--data",
                  *setup["paths"], "--kd", "n2n", "--out", str(out), "--dtype", "int8"]) == 2
     assert "--dtype int8: expected one of float16, float32" in capsys.readouterr().err
+    assert run_cli(setup, "n2n", setup["paths"][1]) == 2
+    assert "must not be (inside) the input" in capsys.readouterr().err
+    synthetic = setup["root"] / "synthetic"
+    assert [p.name for p in synthetic.glob("*.lmdb")] == ["data.0000.lmdb"] and not (synthetic / "cache.json").exists()
     assert not out.exists()
 
 

@@ -16,8 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frame LMDBs (files or directories of shards): every --train/--synthetic path to cache")
     parser.add_argument("--kd", required=True, help=f"the KD mode training will use: one of {', '.join(KD_MODES[1:])}")
     parser.add_argument("--out", required=True, help="cache directory (resumed if it holds a previous run)")
-    parser.add_argument("--dtype", default="float16", help=f"storage of forces and features: {' or '.join(CACHE_DTYPES)}"
-                        " (default: float16; energies are always float64)")
+    parser.add_argument("--dtype", default="float16",
+                        help=f"storage of forces and features: {' or '.join(CACHE_DTYPES)} (default: float16; "
+                        "energies are always float64)")
     parser.add_argument("--batch-size", type=int, default=8, help="frames per teacher forward (default: 8)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import yaml
@@ -101,6 +102,12 @@ class TeacherTargets:
                               features)
 
 
+class TargetSource(Protocol):
+    """Precomputed targets looked up by batch (e.g. `kdaug.train.teacher_cache.TeacherCache`)."""
+
+    def targets(self, batch: Batch) -> TeacherTargets: ...
+
+
 def edge_to_node(edge: EdgeFeatures, n_atoms: int) -> torch.Tensor:
     """(N, D): each edge's features added onto its target atom (edge_index[1]), eq. 5."""
     out = edge.features.new_zeros((n_atoms, edge.features.shape[1]))
@@ -169,18 +176,19 @@ class KDHead(nn.Module):
         return features if self.projection is None else self.projection(features)
 
 
-def build_kd_head(mode: str, student: AtomisticModel, teacher, sample_batch: Batch) -> KDHead:
+def build_kd_head(mode: str, student: AtomisticModel, teacher: AtomisticModel | TargetSource,
+                  sample_batch: Batch) -> KDHead:
     """A `KDHead` sized from one forward of `student` and of `teacher` on `sample_batch`.
 
-    `teacher` is the live teacher, or a `TeacherCache` (anything with `targets(batch)`; the batch then
-    needs dataset_idx/local_idx).
+    `teacher` is the live teacher or a `TargetSource` such as a teacher cache (the batch then needs
+    dataset_idx/local_idx).
     """
     if mode not in ("n2n", "e2n", "v2v"):
         return KDHead(check_mode(mode))
-    if hasattr(teacher, "targets"):
-        targets = teacher.targets(sample_batch)
-    else:
+    if isinstance(teacher, AtomisticModel):
         targets = live_teacher_targets(mode, teacher, sample_batch)
+    else:
+        targets = teacher.targets(sample_batch)
     with torch.no_grad():
         student_features = student(sample_batch, taps=required_taps(mode)[1]).taps[required_taps(mode)[1][0]]
     head = KDHead(mode, student_features.shape[-1], targets.features.shape[-1])
@@ -223,7 +231,8 @@ def kd_loss(
     prediction = head(student_output)
     target = targets.features.to(device=prediction.device, dtype=prediction.dtype)
     if prediction.shape != target.shape:
-        msg = f"--kd {mode}: student features {tuple(prediction.shape)} do not match teacher targets {tuple(target.shape)}"
+        msg = (f"--kd {mode}: student features {tuple(prediction.shape)} do not match teacher targets "
+               f"{tuple(target.shape)}")
         raise KdaugError(msg)
     error = prediction - target
     if mode == "vanilla2" or loss == "mae":

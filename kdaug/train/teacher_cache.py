@@ -37,6 +37,7 @@ from kdaug.data.batch import batch_from_frames
 from kdaug.data.lmdb import FrameDataset
 from kdaug.errors import KdaugError
 from kdaug.models.protocol import AtomisticModel
+from kdaug.perturb.common import check_output_not_input
 from kdaug.train.kd import TeacherTargets, check_kd_pair, check_mode, live_teacher_targets
 
 logger = logging.getLogger(__name__)
@@ -138,6 +139,8 @@ def build_teacher_cache(
             raise KdaugError(msg)
         datasets.append(dataset)
     out = Path(out_dir)
+    for path in data_paths:
+        check_output_not_input(str(path), str(out))
     stamp = CacheStamp(teacher=teacher.name, teacher_sha256=teacher.checkpoint_sha256, mode=mode, dtype=dtype)
     existing = _read_stamp(out) if out.is_dir() else None
     if existing is not None and existing != stamp:
