@@ -172,3 +172,16 @@ def test_cache_is_read_in_dataloader_workers(setup):
     for got, want in zip(loader, in_main):
         assert torch.equal(got.features, want.features) and got.features.dtype == torch.float32
     assert len(batches[0].natoms) == 2 and in_main[0].features.shape[0] == int(batches[0].natoms.sum())
+
+
+def test_values_beyond_float16_are_refused_naming_dtype(setup, monkeypatch):
+    real = teacher_cache.live_teacher_targets
+
+    def huge(*args):
+        targets = real(*args)
+        targets.features = targets.features * 1e6
+        return targets
+
+    monkeypatch.setattr(teacher_cache, "live_teacher_targets", huge)
+    with pytest.raises(KdaugError, match=r"^--dtype float16: teacher outputs beyond its range .*use --dtype float32$"):
+        build_teacher_cache(setup["teacher"], setup["paths"][:1], "n2n", setup["root"] / "overflow", progress=False)

@@ -141,6 +141,7 @@ def build_teacher_cache(
     out = Path(out_dir)
     for path in data_paths:
         check_output_not_input(str(path), str(out))
+    fingerprints = [dataset.fingerprint() for dataset in datasets]
     stamp = CacheStamp(teacher=teacher.name, teacher_sha256=teacher.checkpoint_sha256, mode=mode, dtype=dtype)
     existing = _read_stamp(out) if out.is_dir() else None
     if existing is not None and existing != stamp:
@@ -158,8 +159,7 @@ def build_teacher_cache(
 
     summary = []
     seen: set[str] = set()
-    for dataset in datasets:
-        fingerprint = dataset.fingerprint()
+    for dataset, fingerprint in zip(datasets, fingerprints):
         computed = 0
         if fingerprint not in seen:
             seen.add(fingerprint)
@@ -198,10 +198,16 @@ def _fill_store(teacher: AtomisticModel, dataset: FrameDataset, mode: str, path:
 
 
 def _frame_records(targets: TeacherTargets, n_atoms: list[int], dtype: np.dtype) -> list[bytes]:
+    def per_frame(values: torch.Tensor) -> list[np.ndarray]:
+        stored = values.cpu().numpy().astype(dtype)
+        if not np.isfinite(stored).all():
+            msg = f"--dtype {dtype}: teacher outputs beyond its range (or not finite); use --dtype float32"
+            raise KdaugError(msg)
+        return np.split(stored, np.cumsum(n_atoms)[:-1])
+
     energies = targets.energy.double().cpu().numpy()
-    forces = np.split(targets.forces.cpu().numpy().astype(dtype), np.cumsum(n_atoms)[:-1])
-    features = (np.split(targets.features.cpu().numpy().astype(dtype), np.cumsum(n_atoms)[:-1])
-                if targets.features is not None else [None] * len(n_atoms))
+    forces = per_frame(targets.forces)
+    features = per_frame(targets.features) if targets.features is not None else [None] * len(n_atoms)
     return [pickle.dumps((n, float(e), f, h), protocol=pickle.HIGHEST_PROTOCOL)
             for n, e, f, h in zip(n_atoms, energies, forces, features)]
 
