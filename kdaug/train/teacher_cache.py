@@ -199,7 +199,8 @@ def _fill_store(teacher: AtomisticModel, dataset: FrameDataset, mode: str, path:
 
 def _frame_records(targets: TeacherTargets, n_atoms: list[int], dtype: np.dtype) -> list[bytes]:
     def per_frame(values: torch.Tensor) -> list[np.ndarray]:
-        stored = values.cpu().numpy().astype(dtype)
+        with np.errstate(over="ignore"):  # checked just below
+            stored = values.cpu().numpy().astype(dtype)
         if not np.isfinite(stored).all():
             msg = f"--dtype {dtype}: teacher outputs beyond its range (or not finite); use --dtype float32"
             raise KdaugError(msg)
