@@ -172,7 +172,25 @@ def evaluate(
         raise KdaugError(msg)
     dataset = TrainingSet(dataset_paths, flags=("--data", "--data"))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    was_training = model.training
     model = model.to(device).eval()
+    try:
+        accumulator, seconds = _predict(model, loader, device, progress)
+    finally:
+        model.train(was_training)
+        dataset.close()
+    return {
+        "model": model.name,
+        "data": [str(path) for path in dataset_paths],
+        "device": str(device),
+        **accumulator.result(),
+        "samples_per_s": len(dataset) / seconds if seconds > 0 else None,
+    }
+
+
+def _predict(model: AtomisticModel, loader: torch.utils.data.DataLoader, device: torch.device,
+             progress: bool) -> tuple[MetricAccumulator, float]:
+    """Metric sums of `model` over `loader`, and the seconds spent in its forward passes."""
     accumulator = MetricAccumulator()
     seconds = 0.0
     for batch in tqdm(loader, desc="evaluate", unit=" batches", disable=not progress):
@@ -194,11 +212,4 @@ def evaluate(
         seconds += time.perf_counter() - start
         accumulator.update(output.energy, batch.y, output.forces, batch.force, batch.natoms, batch.fixed,
                            batch.origin)
-    dataset.close()
-    return {
-        "model": model.name,
-        "data": [str(path) for path in dataset_paths],
-        "device": str(device),
-        **accumulator.result(),
-        "samples_per_s": len(dataset) / seconds if seconds > 0 else None,
-    }
+    return accumulator, seconds

@@ -126,7 +126,9 @@ def test_emt_on_emt_labels_has_no_error(data):
 
 @pytest.mark.parametrize(("energy_shift", "efwt"), [(0.01, 1.0), (0.03, 0.0)])
 def test_known_errors_through_evaluate(data, energy_shift, efwt):
-    report = evaluate(ShiftedEMT(energy_shift, 0.02), [data[0]], batch_size=2)
+    model = ShiftedEMT(energy_shift, 0.02).train()
+    report = evaluate(model, [data[0]], batch_size=2)
+    assert model.training  # evaluation leaves the model's mode as it found it
     assert report["energy_mae_mev"] == pytest.approx(1000 * energy_shift, abs=1e-2)
     assert report["force_mae_mev_per_ang"] == pytest.approx(20 / 3, abs=1e-2)  # 20 meV/A on x, 0 on y and z
     assert report["efwt"] == efwt

@@ -115,3 +115,12 @@ def test_missing_and_empty_datasets_name_flag_and_path(tmp_path, sources):
         TrainingSet([sources["dft"][0]], [tmp_path / "empty"])
     with pytest.raises(KdaugError, match=rf"^--val {tmp_path / 'empty'}: holds no frames"):
         TrainingSet([tmp_path / "empty"], flags=("--val", "--val"))
+
+
+def test_a_path_given_twice_shares_one_reader(sources):
+    dft_path, dft = sources["dft"]
+    dataset = TrainingSet([dft_path], [dft_path])
+    assert (dataset.n_dft, dataset.n_synthetic) == (3, 3)
+    first, again = dataset[1], dataset[4]
+    assert (first.synthetic, again.synthetic, again.dataset_idx, again.local_idx) == (False, True, 1, 1)
+    assert torch.equal(first.pos, again.pos) and first.y == again.y == pytest.approx(dft[1].energy)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -53,8 +54,17 @@ class TrainingSet(torch.utils.data.Dataset):
         *,
         flags: tuple[str, str] = ("--train", "--synthetic"),
     ) -> None:
-        dft = [_open(path, flags[0]) for path in dft_paths]
-        synthetic = [_open(path, flags[1]) for path in synthetic_paths]
+        opened: dict[Path, FrameDataset] = {}
+
+        def open_once(path: str | os.PathLike, flag: str) -> FrameDataset:
+            # py-lmdb allows one handle per file and process: a path given twice shares its reader
+            key = Path(path).resolve()
+            if key not in opened:
+                opened[key] = _open(path, flag)
+            return opened[key]
+
+        dft = [open_once(path, flags[0]) for path in dft_paths]
+        synthetic = [open_once(path, flags[1]) for path in synthetic_paths]
         self.datasets: list[FrameDataset] = [*dft, *synthetic]
         self.n_dft = sum(len(d) for d in dft)
         self.n_synthetic = sum(len(d) for d in synthetic)

@@ -122,6 +122,13 @@ class MixedBatchSampler(torch.utils.data.Sampler):
         return iter(self.epoch_batches(self.epoch))
 
 
+def check_rs_dft(rs_dft: float | None) -> None:
+    """Raise a one-line KdaugError naming --rs-dft unless it is None or > 0."""
+    if rs_dft is not None and not rs_dft > 0:
+        msg = f"--rs-dft {rs_dft}: expected a positive ratio of synthetic to DFT sample weight"
+        raise KdaugError(msg)
+
+
 def batch_weights(synthetic: torch.Tensor, rs_dft: float | None) -> torch.Tensor:
     """(S,) per-system loss weights of eq. 9-11.
 
@@ -136,9 +143,7 @@ def batch_weights(synthetic: torch.Tensor, rs_dft: float | None) -> torch.Tensor
     Raises:
         KdaugError: rs_dft <= 0 (names --rs-dft).
     """
-    if rs_dft is not None and not rs_dft > 0:
-        msg = f"--rs-dft {rs_dft}: expected a positive ratio of synthetic to DFT sample weight"
-        raise KdaugError(msg)
+    check_rs_dft(rs_dft)
     weights = torch.ones(synthetic.shape, device=synthetic.device)
     share = synthetic.sum().item() / synthetic.numel() if synthetic.numel() else 0.0
     if rs_dft is None or share in (0.0, 1.0):
