@@ -77,7 +77,7 @@ class MetricAccumulator:
         origin: Sequence[str] | None = None,
     ) -> None:
         """Add a batch; shapes as in `metrics_from_predictions`."""
-        energy_error = (energy.detach().double() - energy_target.double()).abs().cpu()
+        energy_error = (energy.detach().double().cpu() - energy_target.double().cpu()).abs()
         forces, forces_target = forces.detach().double().cpu(), forces_target.double().cpu()
         natoms, free = natoms.cpu().long(), ~fixed.cpu().bool()
         n_systems = len(natoms)
@@ -166,7 +166,11 @@ def evaluate(
     if batch_size < 1:
         msg = f"--batch-size {batch_size}: expected a positive number of samples"
         raise KdaugError(msg)
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        msg = f"--device {device}: expected cpu, cuda or cuda:N"
+        raise KdaugError(msg) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         msg = f"--device {device}: no CUDA device is available here (use --device cpu)"
         raise KdaugError(msg)

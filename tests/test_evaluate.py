@@ -179,6 +179,7 @@ def test_bad_input_is_one_line(tmp_path, data):
         (["--model", str(checkpoint), "--model-config", "schnet-tiny", "--data", str(data[0])],
          r"--model .*painn.pt: not a model checkpoint .*does not fit model config schnet-tiny"),
         (["--model", str(checkpoint), "--data", str(data[0]), "--batch-size", "0"], r"--batch-size 0: "),
+        (["--model", str(checkpoint), "--data", str(data[0]), "--device", "gpu0"], r"--device gpu0: expected"),
     ]
     for args, pattern in cases:
         code, stdout, stderr = kdaug("evaluate", *args)
