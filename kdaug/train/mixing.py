@@ -19,8 +19,10 @@ from kdaug.errors import KdaugError
 
 def _draws(rng: np.random.Generator, n_samples: int, n_draws: int) -> np.ndarray:
     """n_draws indices in [0, n_samples): whole random permutations, then part of one more."""
-    passes = [rng.permutation(n_samples) for _ in range(-(-n_draws // n_samples))] if n_draws else []
-    return np.concatenate([*passes, np.zeros(0, dtype=np.int64)])[:n_draws]
+    if n_draws == 0:
+        return np.zeros(0, dtype=np.int64)
+    n_passes = math.ceil(n_draws / n_samples)
+    return np.concatenate([rng.permutation(n_samples) for _ in range(n_passes)])[:n_draws]
 
 
 def check_mix_ratio(mix_ratio: float | None, n_dft: int, n_synthetic: int) -> None:
