@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import pickle
 
 import pytest
@@ -13,6 +14,7 @@ from kdaug.data.lmdb import FrameDataset, LmdbWriter
 from kdaug.errors import KdaugError
 from kdaug.models import load_model, load_teacher
 from kdaug.train import teacher_cache
+from kdaug.train.data import TrainingSet, collate
 from kdaug.train.kd import build_kd_head, kd_loss, live_teacher_targets, required_taps
 from kdaug.train.teacher_cache import TeacherCache, build_teacher_cache
 from tests.conftest import emt_frames
@@ -42,15 +44,12 @@ def setup(tmp_path_factory):
 
 
 def kd_batch(paths, pairs) -> Batch:
-    """A training batch as the train-data collate builds it: frames plus (S,) dataset_idx and local_idx."""
-    datasets = [FrameDataset(p) for p in paths]
-    items = []
-    for dataset_idx, local_idx in pairs:
-        item = datasets[dataset_idx][local_idx]
-        item.atomic_numbers, item.tags, item.fixed = item.atomic_numbers.long(), item.tags.long(), item.fixed.bool()
-        item.dataset_idx, item.local_idx = dataset_idx, local_idx
-        items.append(item)
-    return Batch.from_data_list(items)
+    """The training batch of these (dataset_idx, local_idx) samples: `TrainingSet(paths[:1], paths[1:])` + `collate`."""
+    data = TrainingSet(paths[:1], paths[1:])
+    offsets = [0, *itertools.accumulate(len(d) for d in data.datasets)]
+    samples = [data[offsets[dataset_idx] + local_idx] for dataset_idx, local_idx in pairs]
+    assert [(s.dataset_idx, s.local_idx) for s in samples] == list(pairs)
+    return collate(samples)
 
 
 def run_cli(setup, mode, out, checkpoint=None, teacher=TEACHER):
