@@ -16,8 +16,9 @@ import yaml
 
 from kdaug.errors import KdaugError
 from kdaug.models.protocol import AtomisticModel
+from kdaug.resources import resource_path
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+CONFIG_DIR = resource_path("models")
 
 
 def available_configs() -> list[str]:
