@@ -41,7 +41,7 @@ _PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
 _SINGULAR = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
-def option(default: Any = dataclasses.MISSING, *, help: str, unit: str | None = None,  # noqa: A002
+def option(default: Any = dataclasses.MISSING, *, help: str, unit: str | None = None,
            default_factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with its help text and unit (eV, Angstrom, eV/A, ...) in `metadata`."""
     return dataclasses.field(default=default, default_factory=default_factory, metadata={"help": help, "unit": unit})
@@ -219,7 +219,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
         msg = f"config file {path}: no such file"
         raise KdaugError(msg)
     try:
-        loaded = yaml.load(path.read_text(), Loader=_Loader)  # noqa: S506 (a SafeLoader)
+        loaded = yaml.load(path.read_text(), Loader=_Loader)
     except UnicodeDecodeError:
         msg = f"config file {path}: not a UTF-8 text file"
         raise KdaugError(msg) from None
@@ -241,7 +241,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 def _read_section(cls: type, data: Mapping, source: str, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     """{path: checked value} from a (nested) mapping read from file `source`."""
-    fields = dict((f.name, hint) for f, hint in _fields(cls))
+    fields = {f.name: hint for f, hint in _fields(cls)}
     unknown = sorted(str(k) for k in data if k not in fields)
     if unknown:
         where = ".".join(prefix) + ": " if prefix else ""
@@ -265,7 +265,9 @@ def _read_section(cls: type, data: Mapping, source: str, prefix: tuple[str, ...]
     return values
 
 
-def _build(cls: type[T], values: dict[tuple[str, ...], Any], prefix: tuple[str, ...], missing: list[str]) -> T:
+def _build(cls: type[T], values: dict[tuple[str, ...], Any], prefix: tuple[str, ...], missing: list[str],
+           ) -> T | None:
+    """`cls` from the checked values; None once a required value is missing (its flag added to `missing`)."""
     kwargs = {}
     for f, hint in _fields(cls):
         path = (*prefix, f.name)
@@ -278,9 +280,7 @@ def _build(cls: type[T], values: dict[tuple[str, ...], Any], prefix: tuple[str, 
             kwargs[f.name] = values[path]
         elif required:
             missing.append(Leaf(path, f, hint).flag)
-    if missing:
-        return None  # type: ignore[return-value]  (load_config raises once every missing option is known)
-    return cls(**kwargs)
+    return None if missing else cls(**kwargs)
 
 
 def load_config(cls: type[T], files: Iterable[str | os.PathLike] = (), overrides: Mapping[str, Any] | None = None,
@@ -310,7 +310,7 @@ def load_config(cls: type[T], files: Iterable[str | os.PathLike] = (), overrides
             raise KdaugError(msg) from None
     missing: list[str] = []
     config = _build(cls, values, (), missing)
-    if missing:
+    if config is None:
         msg = f"missing required option(s): {', '.join(missing)}"
         raise KdaugError(msg)
     return config

@@ -13,6 +13,8 @@ Checks, in order (the first failure raises a one-line `KdaugError` naming model 
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 import numpy as np
 import torch
 from ase import Atoms
@@ -74,7 +76,7 @@ def _moved(batch: Batch, pos: torch.Tensor) -> Batch:
     return moved
 
 
-def _fail(model: AtomisticModel, check: str, detail: str) -> None:
+def _fail(model: AtomisticModel, check: str, detail: str) -> NoReturn:
     raise ContractError(f"model {model.name} fails the {check} check: {detail}")
 
 
