@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -15,6 +19,8 @@ from kdaug.cli.main import main
 from kdaug.cli.options import add_config_arguments, config_from_args
 from kdaug.config import load_config, option
 from kdaug.errors import KdaugError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -169,4 +175,14 @@ def test_bad_option_values_are_one_line_before_anything_is_written(tmp_path, arg
     argv = [a.replace("IN", str(tmp_path / "IN")) for a in argv]
     code, lines = cli(*argv, "--out", str(tmp_path / "out"))
     assert code == 2 and len(lines) == 1 and re.search(expected, lines[0]), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_type_error_in_a_real_process(tmp_path):
+    recipe = write(tmp_path / "recipe.yaml", "n_systems: 3.5\nteacher: emt\n")
+    result = subprocess.run([sys.executable, "-m", "kdaug", "generate", "--config", str(recipe), "--out",
+                             str(tmp_path / "out")], capture_output=True, text=True, check=False, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [f"kdaug generate: error: {recipe}: n_systems: expected an integer, got 3.5"]
     assert not (tmp_path / "out").exists()
