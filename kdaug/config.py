@@ -24,6 +24,7 @@ is a one-line `KdaugError` naming the file (or the flag, for overrides), the key
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import re
 import types
@@ -153,9 +154,11 @@ def convert(hint: Any, value: Any) -> Any:
             raise _Mismatch
         items = args[:1] * len(value) if args[-1] is Ellipsis else args
         return tuple(convert(item, v) for item, v in zip(items, value))
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, str, bool) and type(value) is hint:
+    if hint in (int, float) and isinstance(value, bool):
+        raise _Mismatch
+    if hint is int and isinstance(value, numbers.Integral) or hint is float and isinstance(value, numbers.Real):
+        return hint(value)  # numpy scalars too; ints widen to float
+    if hint in (str, bool) and isinstance(value, hint):
         return value
     if hint not in (int, float, str, bool):
         msg = f"config type {hint!r} is not supported (see kdaug.config)"

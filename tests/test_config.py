@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pytest
 
 from kdaug.cli.main import main
@@ -53,6 +54,7 @@ def test_defaults_then_files_then_overrides(tmp_path):
                          optim=Optim(lr=0.5, clip=10.0, kind="sgd"))
     assert isinstance(config.optim.clip, float)  # YAML int widened to the float field
     assert load_config(Run, [], {"out": "o"}) == Run(out="o")
+    assert load_config(Run, [], {"out": "o", "steps": np.int64(3)}).steps == 3
 
 
 @pytest.mark.parametrize(
