@@ -169,9 +169,21 @@ class BatchState:
             sid=torch.tensor([int(f.sid) for f in frames], dtype=torch.long, device=device),
         )
 
+    @classmethod
+    def from_batch(cls, batch: Any) -> BatchState:
+        """The structures of a model input `Batch` (see `to_batch`); tensors shared, no copy."""
+        n_systems = len(batch.natoms)
+        n_atoms = len(batch.pos)
+        tags = batch.tags if "tags" in batch else torch.zeros(n_atoms, dtype=torch.long, device=batch.pos.device)
+        fixed = batch.fixed if "fixed" in batch else torch.zeros(n_atoms, dtype=torch.bool, device=batch.pos.device)
+        sid = batch.sid if torch.is_tensor(batch.get("sid")) else torch.arange(n_systems, device=batch.pos.device)
+        return BatchState(positions=batch.pos, atomic_numbers=batch.atomic_numbers.long(), tags=tags.long(),
+                          fixed=fixed.bool(), system_idx=batch.batch, cell=batch.cell.view(n_systems, 3, 3),
+                          sid=sid.long())
+
     def to_batch(self, dtype: torch.dtype | None = None) -> Any:
         """The torch_geometric `Batch` models take (pos, atomic_numbers, cell, natoms, batch, ptr, tags,
-        fixed); positions and cell in `dtype` (None: as stored). `pos` keeps its autograd graph."""
+        fixed, sid); positions and cell in `dtype` (None: as stored). `pos` keeps its autograd graph."""
         from torch_geometric.data import Batch
 
         pos = self.positions if dtype is None else self.positions.to(dtype)
@@ -179,4 +191,4 @@ class BatchState:
         ptr = torch.zeros(self.n_systems + 1, dtype=torch.long, device=self.device)
         ptr[1:] = torch.cumsum(natoms, 0)
         return Batch(pos=pos, atomic_numbers=self.atomic_numbers, cell=self.cell.to(pos.dtype), natoms=natoms,
-                     batch=self.system_idx, ptr=ptr, tags=self.tags, fixed=self.fixed)
+                     batch=self.system_idx, ptr=ptr, tags=self.tags, fixed=self.fixed, sid=self.sid)
