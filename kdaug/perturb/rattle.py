@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kdaug.config import check_values, option
 from kdaug.data.lmdb import FrameDataset
-from kdaug.errors import KdaugError
 from kdaug.models import AtomisticModel, load_teacher
 from kdaug.perturb.common import (
     PerturbOptions,
@@ -33,16 +33,16 @@ COUNTS = ("inputs", "written", "rejected_min_distance")  # the run's tally: mani
 
 @dataclass(frozen=True, kw_only=True)
 class RattleConfig(PerturbOptions):
-    """Options of `kdaug rattle` (sigma and distances in Angstrom)."""
+    """Options of `kdaug rattle`."""
 
-    sigma: float = 0.05
-    copies: int = 1
+    sigma: float = option(0.05, help="standard deviation of the noise on each coordinate of free atoms",
+                          unit="Angstrom")
+    copies: int = option(1, help="perturbed copies per input frame")
 
     def __post_init__(self) -> None:
-        if self.sigma <= 0:
-            raise KdaugError(f"--sigma {self.sigma}: expected a positive standard deviation in Angstrom")
-        if self.copies < 1:
-            raise KdaugError(f"--copies {self.copies}: expected at least 1")
+        super().__post_init__()
+        check_values(self, [(self.sigma > 0, "sigma", "a positive standard deviation in Angstrom"),
+                            (self.copies >= 1, "copies", "at least 1")])
 
 
 def rattle_positions(positions: np.ndarray, fixed: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:

@@ -26,8 +26,8 @@ def plot_curves(log: Path, png: Path) -> None:
     if val:
         steps = [r["step"] for r in val]
         ax = axes[0, 1]
-        ax.plot(steps, [r["val"]["energy_mae"] for r in val], "o-", label="energy MAE (meV)")
-        ax.plot(steps, [r["val"]["forces_mae"] for r in val], "s-", label="force MAE (meV/A)")
+        ax.plot(steps, [r["val"]["energy_mae_mev"] for r in val], "o-", label="energy MAE (meV)")
+        ax.plot(steps, [r["val"]["force_mae_mev_per_ang"] for r in val], "s-", label="force MAE (meV/A)")
         ax.set(xlabel="step", yscale="log", title="validation (EMA weights)")
         ax.legend()
     fig.tight_layout()
