@@ -125,10 +125,12 @@ def anomaly(result: RelaxResult) -> str | None:
 
 
 def result_counts(result: RelaxResult, reason: str | None, n_frames: int) -> dict[str, int]:
-    """What one finished system adds to the tally (the manifest's counters and the returned summary)."""
+    """What one finished system adds to the tally (the manifest's counters and the returned summary);
+    zero counts left out."""
     if reason:
         return {"systems": 1, "dropped": 1, f"dropped_{reason}": 1}
-    return {"systems": 1, "frames": n_frames, "converged": int(result.converged)}
+    tally = {"systems": 1, "frames": n_frames, "converged": int(result.converged)}
+    return {key: n for key, n in tally.items() if n}
 
 
 def result_frames(result: RelaxResult, teacher: AtomisticModel) -> list[Frame]:

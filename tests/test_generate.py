@@ -171,6 +171,7 @@ def test_generate_writes_fixed_atoms_unmoved_and_provenance(bulk_db, tmp_path):
         assert set(details) >= {"miller", "shift", "adsorbate_id", "placement", "n_steps", "converged", "seed"}
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["n_frames"] == len(frames)
+    assert manifest["counters"] == {key: n for key, n in summary.items() if n and key != "seconds"}
     assert manifest["creation_args"]["teacher"] == "emt"
 
 

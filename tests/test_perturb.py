@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import numpy as np
 import pytest
@@ -94,6 +95,8 @@ def test_rattle_is_deterministic_resumable_and_rejects_overlaps(source, tmp_path
                                    copies=5, min_distance_factor=0.8), progress=False)
     assert wild["rejected_min_distance"] > 0
     assert wild["written"] + wild["rejected_min_distance"] == 30
+    manifest = json.loads((tmp_path / "wild" / "manifest.json").read_text())
+    assert manifest["counters"] == {key: n for key, n in wild.items() if n}  # one tally for both
 
 
 def attack_state(teacher_dtype=torch.float32):
