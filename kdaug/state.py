@@ -16,8 +16,6 @@ from typing import Any, Protocol, Self
 import numpy as np
 import torch
 
-from kdaug.types import Frame
-
 ATOM, SYSTEM = "atom", "system"
 
 
@@ -49,7 +47,7 @@ def split_atoms(values: np.ndarray, n_atoms: Sequence[int]) -> list[np.ndarray]:
 
 
 class Structure(Protocol):
-    """What a batch is built from: a `Frame` or a label-less one (e.g. a relaxation task)."""
+    """What a batch is built from: a `kdaug.types.Frame` or a label-less one (a `RelaxTask`)."""
 
     sid: int
     positions: np.ndarray
@@ -154,7 +152,7 @@ class BatchState:
         return type(self)(**{name: move(getattr(self, name)) for name in self.scopes()})
 
     @classmethod
-    def from_frames(cls, frames: Sequence[Structure | Frame], *, device: str | torch.device = "cpu",
+    def from_frames(cls, frames: Sequence[Structure], *, device: str | torch.device = "cpu",
                     dtype: torch.dtype = torch.float64) -> BatchState:
         """The structures of `frames` (labels, if any, are left out); positions and cell in `dtype`."""
         def cat(name: str, kind: torch.dtype) -> torch.Tensor:

@@ -151,7 +151,8 @@ def test_gradient_force_student_double_backward_and_kT(checkpoints):
     teacher = load_teacher("painn-tiny", checkpoints["teacher"])
     params = AttackParams(steps=3, alpha=1e-3, kT=0.5, random_start=0.01)
     batch = attack_state().to_batch()  # the training loop's entry point takes a model input Batch
-    positions, history = adversarial_perturb(batch, student, teacher, params, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    positions, history = adversarial_perturb(batch, student, teacher, params, generator=generator)
     assert np.isfinite(history).all() and len(history) == 4
     assert positions.shape == batch.pos.shape and torch.all(positions[batch.fixed] == batch.pos[batch.fixed])
 
