@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
-    """6 DFT (EMT) frames, 4 synthetic ones, 3 for validation, and a painn-tiny teacher checkpoint."""
+    """6 DFT (EMT) frames, 4 synthetic ones, 3 for validation, painn-tiny and gemnet-oc-tiny teacher checkpoints."""
     root = tmp_path_factory.mktemp("train-data")
     frames = emt_frames(13)
     parts = {"dft": frames[:6], "synthetic": [f.replace(provenance=f.provenance.__class__(origin="synthetic"))
@@ -42,6 +42,8 @@ def data(tmp_path_factory) -> dict[str, str]:
     teacher = load_model("painn-tiny")
     teacher.save(root / "teacher.pt")
     paths["teacher"] = str(root / "teacher.pt")
+    load_model("gemnet-oc-tiny").save(root / "gemnet.pt")
+    paths["gemnet"] = str(root / "gemnet.pt")
     return paths
 
 
@@ -92,9 +94,10 @@ def test_mix_ratio_sets_the_synthetic_share_and_rs_dft_the_weights(data, tmp_pat
 
 @pytest.mark.parametrize("mode", ["vanilla1", "n2n", "v2v"])
 def test_kd_modes_train_with_a_live_teacher(data, tmp_path, mode):
-    teacher = {"teacher": "emt"} if mode == "vanilla1" else {"teacher": "painn-tiny",
-                                                              "teacher_checkpoint": data["teacher"]}
-    run_train(config(data, tmp_path, kd=mode, kd_lambda=1.0, **teacher), progress=False)
+    teacher = {"vanilla1": {"teacher": "emt"},
+               "n2n": {"teacher": "painn-tiny", "teacher_checkpoint": data["teacher"]},
+               "v2v": {"teacher": "gemnet-oc-tiny", "teacher_checkpoint": data["gemnet"]}}[mode]
+    run_train(config(data, tmp_path, kd=mode, kd_lambda=1.0, max_steps=3, **teacher), progress=False)
     kd_values = [r["kd"] for r in read_log(tmp_path)]
     assert all(np.isfinite(kd_values)) and kd_values[0] > 0
 
@@ -188,3 +191,12 @@ def test_resume_with_other_data_shaping_options_is_refused(data, tmp_path):
     assert result.returncode == 2 and "seed" in result.stderr
     assert kdaug(*base[:-4], "--max-steps", "3", "--out", str(tmp_path)).returncode == 0
     assert [r["step"] for r in read_log(tmp_path) if "loss" in r] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "train").glob("*.yml")), ids=lambda p: p.stem)
+def test_paper_training_recipes_load(recipe):
+    from kdaug.config import load_config
+
+    loaded = load_config(TrainConfig, [recipe], {"student": "painn-small", "train": ("d",), "out": "o",
+                                                  "max_steps": 10})
+    assert loaded.ema_decay == 0.999 and loaded.clip_grad_norm == 10.0 and loaded.lr_milestones

@@ -277,6 +277,11 @@ class Trainer:
         self.dist.barrier()
         return summary
 
+    def close(self) -> None:
+        """Release the data files (the teacher cache opens its files per read) and the process group."""
+        self.data.close()
+        self.dist.close()
+
     def ema_weights(self):
         return _EmaWeights(self.ema, self.student)
 
@@ -336,4 +341,4 @@ def run_train(config: TrainConfig, *, progress: bool = True) -> dict:
     try:
         return trainer.run()
     finally:
-        trainer.dist.close()
+        trainer.close()
