@@ -10,10 +10,11 @@ Tags: 0 subsurface (fixed), 1 surface, 2 adsorbate.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import pickle
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,10 +91,87 @@ def load_adsorbate_db() -> dict[int, tuple]:
         return pickle.load(handle)
 
 
-class SystemSampler:
-    """Draws system `sid` deterministically; caches each bulk's slabs (computing them is the slow part)."""
+def _center_slab_exactly(slab, *, original: Callable):
+    """pymatgen's `center_slab` without its per-site neighbour search when that search cannot move anything.
 
-    def __init__(self, config: SamplerConfig, *, slab_cache_size: int = 64) -> None:
+    pymatgen shifts the slab through the periodic boundary only for a site with a neighbour at least one cell
+    height `c` away within 3x the shortest bond of site 0; with fairchem's 20 A of vacuum 3x a bond is far
+    below `c`, so only the final centring on the centre of mass remains (same result, ~80 % of a slab's cost).
+    """
+    bonds = [nn[1] for nn in slab.get_neighbors(slab[0], 10) if nn[1] > 0]
+    if not bonds or 3 * min(bonds) >= slab.lattice.c:
+        return original(slab)
+    weights = [site.species.weight for site in slab]
+    center_of_mass = np.average(slab.frac_coords, weights=weights, axis=0)
+    slab.translate_sites(list(range(len(slab))), [0, 0, 0.5 - center_of_mass[2]])
+    return slab
+
+
+@contextlib.contextmanager
+def _fairchem_shortcuts(bulk_atoms: Atoms | None = None, bulk_coordination: dict | None = None) -> Iterator[None]:
+    """Inside: pymatgen's slab centring skips its no-op search, and fairchem's surface tagging reuses the bulk's
+    coordination numbers (`bulk_coordination`, computed once per bulk) instead of recomputing them per slab."""
+    from fairchem.data.oc.core import slab as fairchem_slab
+    from pymatgen.core import surface
+
+    original_center, original_coordination = surface.center_slab, fairchem_slab.calculate_coordination_of_bulk_atoms
+    surface.center_slab = functools.partial(_center_slab_exactly, original=original_center)
+    if bulk_coordination is not None:
+        fairchem_slab.calculate_coordination_of_bulk_atoms = (
+            lambda atoms: bulk_coordination if atoms is bulk_atoms else original_coordination(atoms))
+    try:
+        yield
+    finally:
+        surface.center_slab = original_center
+        fairchem_slab.calculate_coordination_of_bulk_atoms = original_coordination
+
+
+@dataclass
+class _BulkWork:
+    """What sampling reuses across systems of one bulk: fairchem's Bulk, its distinct Miller indices, its atoms'
+    coordination numbers, and the untiled slabs of each Miller index asked for so far."""
+
+    bulk: Any
+    millers: list[tuple[int, int, int]]
+    coordination: dict | None = None
+    slabs: dict[tuple, list] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, atoms: Atoms, src_id: str, max_miller: int) -> _BulkWork:
+        from fairchem.data.oc.core import Bulk
+        from fairchem.data.oc.core.slab import standardize_bulk
+        from pymatgen.core.surface import get_symmetrically_distinct_miller_indices
+
+        bulk = Bulk(bulk_atoms=atoms)
+        bulk.set_source_dataset_id(src_id)
+        millers = get_symmetrically_distinct_miller_indices(standardize_bulk(bulk.atoms), max_miller)
+        return cls(bulk, [tuple(int(m) for m in miller) for miller in millers])
+
+    def untiled(self, miller: tuple[int, int, int]) -> list:
+        """fairchem's `compute_slabs` 5-tuples (structure, miller, shift, top, oriented bulk) of one Miller index."""
+        from fairchem.data.oc.core.slab import compute_slabs
+
+        if miller not in self.slabs:
+            with _fairchem_shortcuts():
+                self.slabs[miller] = compute_slabs(self.bulk.atoms, specific_millers=[miller])
+        return self.slabs[miller]
+
+    def slab(self, miller: tuple[int, int, int], index: int):
+        from fairchem.data.oc.core import Slab
+        from fairchem.data.oc.core.slab import calculate_coordination_of_bulk_atoms, tile_and_tag_atoms
+
+        if self.coordination is None:
+            self.coordination = calculate_coordination_of_bulk_atoms(self.bulk.atoms)
+        structure, millers, shift, top, oriented = self.untiled(miller)[index]
+        with _fairchem_shortcuts(self.bulk.atoms, self.coordination):
+            atoms = tile_and_tag_atoms(structure, self.bulk.atoms)
+        return Slab(self.bulk, atoms, millers, shift, top, oriented)
+
+
+class SystemSampler:
+    """Draws system `sid` deterministically; keeps the per-bulk work of the last `cache_size` bulks."""
+
+    def __init__(self, config: SamplerConfig, *, cache_size: int = 64) -> None:
         if config.placement not in PLACEMENT_MODES:
             msg = f"--placement {config.placement}: expected one of {', '.join(PLACEMENT_MODES)}"
             raise KdaugError(msg)
@@ -124,35 +202,46 @@ class SystemSampler:
             msg = "no adsorbate in fairchem-data-oc's database uses only elements the teacher supports"
             raise KdaugError(msg)
         self._adsorbates = adsorbates
-        self._slab_cache: OrderedDict[int, dict] = OrderedDict()
-        self._slab_cache_size = slab_cache_size
+        self._bulk_cache: OrderedDict[int, _BulkWork] = OrderedDict()
+        self._cache_size = cache_size
 
-    def _slabs_by_miller(self, bulk_index: int) -> dict:
-        from fairchem.data.oc.core import Bulk
+    def _bulk(self, bulk_index: int) -> _BulkWork:
+        if bulk_index not in self._bulk_cache:
+            entry = self.bulks[bulk_index]
+            self._bulk_cache[bulk_index] = _BulkWork.of(entry["atoms"], entry["src_id"], self.config.max_miller)
+            if len(self._bulk_cache) > self._cache_size:
+                self._bulk_cache.popitem(last=False)
+        self._bulk_cache.move_to_end(bulk_index)
+        return self._bulk_cache[bulk_index]
 
-        if bulk_index in self._slab_cache:
-            self._slab_cache.move_to_end(bulk_index)
-            return self._slab_cache[bulk_index]
-        bulk = Bulk(bulk_atoms=self.bulks[bulk_index]["atoms"])
-        bulk.set_source_dataset_id(self.bulks[bulk_index]["src_id"])
-        by_miller: dict[tuple, list] = {}
-        for slab in bulk.get_slabs(max_miller=self.config.max_miller):  # deterministic enumeration
-            by_miller.setdefault(tuple(int(m) for m in slab.millers), []).append(slab)
-        self._slab_cache[bulk_index] = by_miller
-        if len(self._slab_cache) > self._slab_cache_size:
-            self._slab_cache.popitem(last=False)
-        return by_miller
+    def millers(self, bulk_index: int) -> list[tuple[int, int, int]]:
+        """The bulk's symmetrically distinct Miller indices up to `max_miller` (pymatgen's order)."""
+        return self._bulk(bulk_index).millers
+
+    def n_slabs(self, bulk_index: int, miller: tuple[int, int, int]) -> int:
+        """How many (shift, top) slabs the bulk has for `miller` (0 for some)."""
+        return len(self._bulk(bulk_index).untiled(miller))
+
+    def slab(self, bulk_index: int, miller: tuple[int, int, int], index: int):
+        """Slab `index` of the bulk's `miller` slabs, tiled, tagged and constrained as fairchem-data-oc does."""
+        return self._bulk(bulk_index).slab(miller, index)
 
     def sample(self, sid: int) -> SampledSystem:
-        """System `sid`: uniform bulk, uniform Miller index then uniform (shift, top), uniform adsorbate."""
+        """System `sid`: uniform bulk, uniform Miller index among those with slabs, uniform (shift, top), uniform
+        adsorbate -- the distribution of enumerating every slab up to `max_miller` first, at the cost of one
+        Miller index (the first non-empty one of a random permutation)."""
         from fairchem.data.oc.core import Adsorbate, AdsorbateSlabConfig
 
         rng = np.random.default_rng([self.config.seed, sid])
         bulk_index = int(rng.integers(len(self.bulks)))
-        by_miller = self._slabs_by_miller(bulk_index)
-        millers = sorted(by_miller)
-        miller = millers[int(rng.integers(len(millers)))]
-        slab = by_miller[miller][int(rng.integers(len(by_miller[miller])))]
+        millers = self.millers(bulk_index)
+        miller = next((millers[k] for k in rng.permutation(len(millers)) if self.n_slabs(bulk_index, millers[k])),
+                      None)
+        if miller is None:
+            msg = (f"bulk {self.bulks[bulk_index]['src_id']}: no slab up to Miller index {self.config.max_miller}; "
+                   "remove it from --bulk-db")
+            raise KdaugError(msg)
+        slab = self.slab(bulk_index, miller, int(rng.integers(self.n_slabs(bulk_index, miller))))
         ads_id = self.adsorbate_ids[int(rng.integers(len(self.adsorbate_ids)))]
         adsorbate = Adsorbate(adsorbate_id_from_db=ads_id, adsorbate_db=self._adsorbates)
         placement_seed = int(rng.integers(2**31))
