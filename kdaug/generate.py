@@ -14,21 +14,27 @@ transaction; rerunning the same command skips the systems already done.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import queue
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from ase import Atoms
 from tqdm import tqdm
 
 from kdaug.config import check_values, option, shard_from_environment
 from kdaug.data.lmdb import LmdbWriter
+from kdaug.errors import KdaugError
 from kdaug.models import AtomisticModel, load_teacher
 from kdaug.relax.optimizers import OPTIMIZERS
-from kdaug.relax.runner import BatchedRelaxer, RelaxResult, RelaxTask
+from kdaug.relax.runner import BatchedRelaxer, ReadyTasks, RelaxResult, RelaxTask
 from kdaug.sampling.oc import PLACEMENT_MODES, SamplerConfig, SystemSampler, iter_systems
 from kdaug.types import Frame, Provenance
 
@@ -38,6 +44,7 @@ logger = logging.getLogger(__name__)
 # or a force exceeds this norm; such labels are teacher failures, not data.
 EXPLODED_EV_PER_ATOM = 5.0
 EXPLODED_FORCE_EV_PER_ANG = 50.0
+PRECISIONS = ("fp32", "tf32")
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,8 @@ class GenerateConfig:
                                          "with --checkpoint")
     checkpoint: str | None = option(None, help="teacher checkpoint (fairchem OC20 format)")
     device: str = option("cpu", help="cpu or cuda")
+    precision: str = option("fp32", help="float32 matmuls: fp32 (full) or tf32 (CUDA only; faster, ~1e-3 relative)")
+    graph_workers: int = option(0, help="processes building CHGNet's graphs in parallel (CHGNet teacher only)")
     seed: int = option(0, help="system i is drawn from a generator seeded by (seed, i)")
     bulk_db: str | None = option(None, help="OC20-format bulks.pkl (default: the bulks shipped with kdaug)")
     adsorbate_ids: tuple[int, ...] | None = option(
@@ -84,6 +93,8 @@ class GenerateConfig:
             (self.max_atoms_per_batch is None or self.max_atoms_per_batch >= 1, "max_atoms_per_batch",
              "at least 1"),
             (self.num_workers >= 0, "num_workers", "non-negative"),
+            (self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}"),
+            (self.graph_workers >= 0, "graph_workers", "non-negative"),
         ])
 
 
@@ -146,43 +157,119 @@ def result_frames(result: RelaxResult, teacher: AtomisticModel) -> list[Frame]:
     ]
 
 
+class WriterThread:
+    """Checks and writes finished systems beside the relaxer: anomaly checks, frames, then one LMDB transaction per
+    system (kept frames, done-marker, counters). The first failure stops the writing; `submit` and `close` then
+    raise it in the caller's thread as one line, and every system written before it stays committed."""
+
+    def __init__(self, writer: LmdbWriter, teacher: AtomisticModel, *, bar: tqdm | None = None,
+                 ahead: int = 64) -> None:
+        self.counts: Counter = Counter(systems=0, frames=0, converged=0, dropped=0)
+        self._writer, self._teacher, self._bar = writer, teacher, bar
+        self._results: queue.Queue = queue.Queue(maxsize=ahead)
+        self._error: KdaugError | None = None
+        self._start = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, name="kdaug-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (result := self._results.get()) is not None:
+            if self._error is None:
+                try:
+                    self._write(result)
+                except Exception as err:  # any failure of a write stops the run, reported in the main thread
+                    self._error = KdaugError(
+                        f"--out {self._writer.out_dir}: writing system {result.task.sid} failed "
+                        f"({type(err).__name__}: {err}); the {self.counts['systems']} systems written before it "
+                        "are kept -- rerun the command to resume")
+
+    def _write(self, result: RelaxResult) -> None:
+        reason = anomaly(result)
+        frames = [] if reason else result_frames(result, self._teacher)
+        tally = result_counts(result, reason, len(frames))
+        self._writer.write_batch(frames, done=[str(result.task.sid)], counters=tally)
+        self.counts.update(tally)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(frames=self.counts["frames"],
+                                  frames_per_s=f"{self.counts['frames'] / (time.perf_counter() - self._start):.2f}")
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, result: RelaxResult) -> None:
+        self._raise_error()
+        self._results.put(result)
+
+    def close(self) -> None:
+        """Write what was submitted, stop the thread; raise the failure if one happened."""
+        if self._thread.is_alive():
+            self._results.put(None)
+            self._thread.join()
+        self._raise_error()
+
+
+@contextlib.contextmanager
+def float32_precision(precision: str, device: str) -> Iterator[None]:
+    """Inside: float32 matmuls and convolutions in full precision ("fp32") or TF32 ("tf32", CUDA only)."""
+    if precision == "tf32" and not device.startswith("cuda"):
+        msg = f"--precision tf32: needs --device cuda (got --device {device})"
+        raise KdaugError(msg)
+    previous = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous[0])
+        torch.backends.cudnn.allow_tf32 = previous[1]
+
+
 def run_generate(config: GenerateConfig, *, progress: bool = True, on_step=None) -> dict:
-    """Generate (or resume) this shard's part of the dataset; returns the summary counts."""
+    """Generate (or resume) this shard's part of the dataset; returns the summary counts.
+
+    Three things run at once: sampling (`num_workers` processes, systems taken in the order they are ready),
+    the relaxer (this thread), and the checks and LMDB writes (`WriterThread`).
+    """
     shard_index, num_shards = shard_from_environment(config.num_shards, config.shard_index)
     stem = "data" if num_shards == 1 else f"shard{shard_index:04d}-of-{num_shards:04d}"
     # Everything that can reject the input comes before the first byte is written.
-    teacher = load_teacher(config.teacher, config.checkpoint, device=config.device)
-    sampler = SystemSampler(SamplerConfig(
-        bulk_db=config.bulk_db, adsorbate_ids=config.adsorbate_ids, placement=config.placement,
-        max_miller=config.max_miller, seed=config.seed, supported_elements=teacher.supported_elements))
-    creation_args = {**dataclasses.asdict(config), "teacher_name": teacher.name,
-                     "teacher_sha256": teacher.checkpoint_sha256, "shard_index": shard_index,
-                     "num_shards": num_shards}
-    writer = LmdbWriter(config.out, stem=stem, creation_args=creation_args)
-    done = writer.done_keys()
-    sids = [sid for sid in range(shard_index, config.n_systems, num_shards) if str(sid) not in done]
-    logger.info("shard %d/%d: %d systems to do, %d already done", shard_index, num_shards, len(sids), len(done))
-    relaxer = BatchedRelaxer(teacher, optimizer=config.optimizer, fmax=config.fmax, max_steps=config.max_steps,
-                             max_systems=config.max_systems_per_batch or (1 if config.device == "cpu" else 32),
-                             max_atoms=config.max_atoms_per_batch,
-                             device=config.device, on_step=on_step)
-    keep = FrameSelector(config.seed, config.frame_fraction)
-    tasks = (RelaxTask.from_atoms(system.atoms, sid=system.sid, payload=system.details)
-             for system in iter_systems(sampler, sids, num_workers=config.num_workers))
-    counts = Counter(systems=0, frames=0, converged=0, dropped=0)
-    start = time.perf_counter()
-    with writer, tqdm(total=len(sids), desc=f"generate {stem}", unit=" systems", disable=not progress) as bar:
-        for result in relaxer.run(tasks, keep):
-            reason = anomaly(result)
-            frames = [] if reason else result_frames(result, teacher)
-            tally = result_counts(result, reason, len(frames))
-            writer.write_batch(frames, done=[str(result.task.sid)], counters=tally)
-            counts.update(tally)
-            bar.update(1)
-            bar.set_postfix(frames=counts["frames"],
-                            frames_per_s=f"{counts['frames'] / (time.perf_counter() - start):.2f}")
+    with float32_precision(config.precision, config.device):
+        teacher = load_teacher(config.teacher, config.checkpoint, device=config.device)
+        if config.graph_workers:
+            if not hasattr(teacher, "build_graphs_in"):
+                msg = f"--graph-workers {config.graph_workers}: only the chgnet teacher builds graphs on the host"
+                raise KdaugError(msg)
+            teacher.build_graphs_in(config.graph_workers)
+        sampler = SystemSampler(SamplerConfig(
+            bulk_db=config.bulk_db, adsorbate_ids=config.adsorbate_ids, placement=config.placement,
+            max_miller=config.max_miller, seed=config.seed, supported_elements=teacher.supported_elements))
+        creation_args = {**dataclasses.asdict(config), "teacher_name": teacher.name,
+                         "teacher_sha256": teacher.checkpoint_sha256, "shard_index": shard_index,
+                         "num_shards": num_shards}
+        writer = LmdbWriter(config.out, stem=stem, creation_args=creation_args)
+        done = writer.done_keys()
+        sids = [sid for sid in range(shard_index, config.n_systems, num_shards) if str(sid) not in done]
+        logger.info("shard %d/%d: %d systems to do, %d already done", shard_index, num_shards, len(sids), len(done))
+        max_systems = config.max_systems_per_batch or (1 if config.device == "cpu" else 32)
+        relaxer = BatchedRelaxer(teacher, optimizer=config.optimizer, fmax=config.fmax, max_steps=config.max_steps,
+                                 max_systems=max_systems, max_atoms=config.max_atoms_per_batch,
+                                 device=config.device, on_step=on_step)
+        keep = FrameSelector(config.seed, config.frame_fraction)
+        tasks = (RelaxTask.from_atoms(system.atoms, sid=system.sid, payload=system.details)
+                 for system in iter_systems(sampler, sids, num_workers=config.num_workers))
+        start = time.perf_counter()
+        with (writer, tqdm(total=len(sids), desc=f"generate {stem}", unit=" systems", disable=not progress) as bar,
+              ReadyTasks(tasks, ahead=max_systems + config.num_workers) as ready):
+            background = WriterThread(writer, teacher, bar=bar)
+            try:
+                for result in relaxer.run(ready, keep):
+                    background.submit(result)
+            finally:
+                background.close()
     elapsed = time.perf_counter() - start
-    counts = {**counts, "seconds": round(elapsed, 2)}
+    counts = {**background.counts, "seconds": round(elapsed, 2)}
     logger.info("done: %d systems (%d converged, %d dropped), %d frames in %.1f s -> %s",
                 counts["systems"], counts["converged"], counts["dropped"], counts["frames"], elapsed, config.out)
     return counts

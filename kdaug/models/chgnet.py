@@ -8,6 +8,9 @@ differentiable w.r.t. `batch.pos` (forces are built with create_graph=True).
 
 from __future__ import annotations
 
+import pickle
+
+import numpy as np
 import torch
 from pymatgen.core import Lattice, Structure
 from torch_geometric.data import Batch
@@ -15,6 +18,25 @@ from torch_geometric.data import Batch
 from kdaug.models.protocol import AtomisticModel, ModelOutput
 
 CHGNET_VERSION = "0.3.0"
+
+
+def _graph(converter, cell: np.ndarray, numbers: list[int], positions: np.ndarray, graph_id: str):
+    """CHGNet's CrystalGraph of one system: cell (3,3) A, positions (n,3) Cartesian A."""
+    return converter(Structure(Lattice(cell), numbers, positions, coords_are_cartesian=True), graph_id=graph_id)
+
+
+_worker_converter = None
+
+
+def _start_graph_worker(converter) -> None:
+    global _worker_converter
+    torch.set_num_threads(1)
+    _worker_converter = converter
+
+
+def _pickled_graph(system: tuple) -> bytes:
+    # Pickled by value: handing tensors through the pool would share them via one file descriptor each.
+    return pickle.dumps(_graph(_worker_converter, *system), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class CHGNetModel(AtomisticModel):
@@ -35,23 +57,47 @@ class CHGNetModel(AtomisticModel):
         self.model = model if model is not None else CHGNet.load(model_name=CHGNET_VERSION, use_device="cpu",
                                                                  verbose=False)
         self.checkpoint_sha256 = None  # weights ship with the pinned chgnet package
+        self._graph_pool = None
+        self._graph_workers = 0
+
+    def build_graphs_in(self, workers: int) -> None:
+        """Build each forward's graphs in `workers` processes (0: in this thread). CHGNet's converter is Python
+        bound by the GIL, so on a GPU the host's graph building, not the model, sets the pace unless it is spread."""
+        self.close_graph_workers()
+        if workers > 0:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._graph_pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                                   initializer=_start_graph_worker,
+                                                   initargs=(self.model.graph_converter,))
+            self._graph_workers = workers
+
+    def close_graph_workers(self) -> None:
+        pool, self._graph_pool, self._graph_workers = self._graph_pool, None, 0
+        if pool is not None:
+            pool.shutdown()
 
     def _graphs(self, batch: Batch) -> list:
         pos, cell = batch.pos, batch.cell
         numbers = batch.atomic_numbers.cpu().tolist()
         bounds = batch.ptr.cpu().tolist()
         dtype = self.dtype
-        graphs = []
-        for system, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-            cell_s = cell[system].to(dtype)
-            pos_s = pos[start:stop].to(dtype)
-            structure = Structure(Lattice(cell_s.detach().cpu().double().numpy()), numbers[start:stop],
-                                  pos_s.detach().cpu().double().numpy(), coords_are_cartesian=True)
-            graph = self.model.graph_converter(structure, graph_id=str(system)).to(self.device)
-            frac = pos_s @ torch.linalg.inv(cell_s)
+        host_pos = pos.detach().to(dtype).cpu().double().numpy()
+        host_cell = cell.detach().to(dtype).cpu().double().numpy()
+        systems = [(host_cell[k], numbers[start:stop], host_pos[start:stop], str(k))
+                   for k, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        pool = self._graph_pool
+        if pool is None or len(systems) == 1:
+            graphs = [_graph(self.model.graph_converter, *system) for system in systems]
+        else:
+            chunk = -(-len(systems) // self._graph_workers)
+            graphs = [pickle.loads(raw) for raw in pool.map(_pickled_graph, systems, chunksize=chunk)]
+        for system, graph in enumerate(graphs):
+            start, stop = bounds[system], bounds[system + 1]
+            frac = pos[start:stop].to(dtype) @ torch.linalg.inv(cell[system].to(dtype))
             graph.atom_frac_coord = frac if frac.requires_grad else frac.detach().requires_grad_(True)
-            graphs.append(graph)
-        return graphs
+        return [graph.to(self.device) for graph in graphs]
 
     def compute(self, batch: Batch, taps: tuple[str, ...]) -> ModelOutput:
         recorded = {}

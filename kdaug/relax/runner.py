@@ -11,6 +11,8 @@ are copied back only for frames that are kept and for finished systems.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,16 +94,83 @@ class _Flight:
     state: BatchState | None = None
 
 
-class _Queue:
-    """The tasks not yet in the batch, with a look at the next one."""
+class ReadyTasks:
+    """Tasks from `source` made ahead by a background thread (e.g. systems coming from sampling workers), at
+    most `ahead` waiting; the relaxer takes the ready ones and waits only when it has nothing to step.
 
-    def __init__(self, tasks: Iterable[RelaxTask]) -> None:
-        self._tasks = iter(tasks)
+    Use as a context manager: leaving stops the thread after the item it is making. An exception raised by
+    `source` is raised again by `take` in the consumer's thread.
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterable[RelaxTask], *, ahead: int = 64) -> None:
+        self._items: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        self._stop = threading.Event()
+        self._exhausted = False
+        self._thread = threading.Thread(target=self._fill, args=(source,), name="kdaug-ready-tasks", daemon=True)
+        self._thread.start()
+
+    def _fill(self, source: Iterable[RelaxTask]) -> None:
+        items = iter(source)
+        try:
+            for task in items:
+                if not self._put(task):
+                    return
+            self._put(self._END)
+        except BaseException as err:  # handed to the consumer, raised there
+            self._put(err)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def take(self, block: bool) -> RelaxTask | None:
+        """The next ready task; None when none is ready yet (`block=False`) or when `source` is exhausted."""
+        if self._exhausted:
+            return None
+        try:
+            item = self._items.get(block=block)
+        except queue.Empty:
+            return None
+        if item is self._END or isinstance(item, BaseException):
+            self._exhausted = True
+            if item is not self._END:
+                raise item
+            return None
+        return item
+
+    def __enter__(self) -> ReadyTasks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _Queue:
+    """The tasks not yet in the batch, with a look at the next one (without waiting for one, if asked)."""
+
+    def __init__(self, tasks: Iterable[RelaxTask] | ReadyTasks) -> None:
+        if isinstance(tasks, ReadyTasks):
+            self._take = tasks.take
+        else:
+            iterator = iter(tasks)
+            self._take = lambda block: next(iterator, None)
         self._next: RelaxTask | None = None
 
-    def peek(self) -> RelaxTask | None:
+    def peek(self, block: bool = True) -> RelaxTask | None:
         if self._next is None:
-            self._next = next(self._tasks, None)
+            self._next = self._take(block)
         return self._next
 
     def pop(self) -> RelaxTask:
@@ -140,14 +209,15 @@ class BatchedRelaxer:
         self.dtype = model.dtype
         self.on_step = on_step
 
-    def run(self, tasks: Iterable[RelaxTask], keep: Callable[[RelaxTask, int], bool] = _keep_all,
+    def run(self, tasks: Iterable[RelaxTask] | ReadyTasks, keep: Callable[[RelaxTask, int], bool] = _keep_all,
             ) -> Iterator[RelaxResult]:
         """Yield each system's result as soon as it finishes (completion order, not input order).
 
+        From `ReadyTasks`, the batch takes the tasks that are ready and waits only when it is empty.
         `keep(task, step)` says which evaluations go into `RelaxResult.kept`.
         """
-        queue, flight = _Queue(tasks), _Flight()
-        while self._refill(flight, queue):
+        waiting, flight = _Queue(tasks), _Flight()
+        while self._refill(flight, waiting):
             energy, forces = self._evaluate(flight.state.structure())
             if self.on_step is not None:
                 self.on_step(flight.state.n_systems, len(flight.state.positions))
@@ -162,14 +232,15 @@ class BatchedRelaxer:
                     entry.n_steps += 1
 
     # -- the steps of `run` ----------------------------------------------------------------
-    def _refill(self, flight: _Flight, queue: _Queue) -> bool:
+    def _refill(self, flight: _Flight, waiting: _Queue) -> bool:
         """Move waiting tasks into the batch while it has room; False when no work is left."""
         joined: list[RelaxTask] = []
         n_atoms = sum(entry.task.n_atoms for entry in flight.entries)
-        while len(flight.entries) + len(joined) < self.max_systems and (task := queue.peek()) is not None:
+        while (len(flight.entries) + len(joined) < self.max_systems
+               and (task := waiting.peek(block=not (flight.entries or joined))) is not None):
             if self.max_atoms is not None and (flight.entries or joined) and n_atoms + task.n_atoms > self.max_atoms:
                 break
-            joined.append(queue.pop())
+            joined.append(waiting.pop())
             n_atoms += task.n_atoms
         if joined:
             self.model.check_elements(np.unique(np.concatenate([t.atomic_numbers for t in joined])))

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
+import itertools
 import os
 import pickle
+import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -128,24 +131,24 @@ def _fairchem_shortcuts(bulk_atoms: Atoms | None = None, bulk_coordination: dict
 
 @dataclass
 class _BulkWork:
-    """What sampling reuses across systems of one bulk: fairchem's Bulk, its distinct Miller indices, its atoms'
-    coordination numbers, and the untiled slabs of each Miller index asked for so far."""
+    """What sampling reuses across systems of one bulk: its atoms (standing in for fairchem's `Bulk`, which only
+    lends `atoms` and `src_id` to a slab), distinct Miller indices, atoms' coordination numbers, and the untiled
+    slabs of each Miller index asked for so far."""
 
-    bulk: Any
+    atoms: Atoms
+    src_id: str
     millers: list[tuple[int, int, int]]
     coordination: dict | None = None
     slabs: dict[tuple, list] = field(default_factory=dict)
 
     @classmethod
     def of(cls, atoms: Atoms, src_id: str, max_miller: int) -> _BulkWork:
-        from fairchem.data.oc.core import Bulk
         from fairchem.data.oc.core.slab import standardize_bulk
         from pymatgen.core.surface import get_symmetrically_distinct_miller_indices
 
-        bulk = Bulk(bulk_atoms=atoms)
-        bulk.set_source_dataset_id(src_id)
-        millers = get_symmetrically_distinct_miller_indices(standardize_bulk(bulk.atoms), max_miller)
-        return cls(bulk, [tuple(int(m) for m in miller) for miller in millers])
+        atoms = atoms.copy()
+        millers = get_symmetrically_distinct_miller_indices(standardize_bulk(atoms), max_miller)
+        return cls(atoms, src_id, [tuple(int(m) for m in miller) for miller in millers])
 
     def untiled(self, miller: tuple[int, int, int]) -> list:
         """fairchem's `compute_slabs` 5-tuples (structure, miller, shift, top, oriented bulk) of one Miller index."""
@@ -153,19 +156,18 @@ class _BulkWork:
 
         if miller not in self.slabs:
             with _fairchem_shortcuts():
-                self.slabs[miller] = compute_slabs(self.bulk.atoms, specific_millers=[miller])
+                self.slabs[miller] = compute_slabs(self.atoms, specific_millers=[miller])
         return self.slabs[miller]
 
     def slab(self, miller: tuple[int, int, int], index: int):
-        from fairchem.data.oc.core import Slab
-        from fairchem.data.oc.core.slab import calculate_coordination_of_bulk_atoms, tile_and_tag_atoms
+        from fairchem.data.oc.core.slab import Slab, calculate_coordination_of_bulk_atoms, tile_and_tag_atoms
 
         if self.coordination is None:
-            self.coordination = calculate_coordination_of_bulk_atoms(self.bulk.atoms)
+            self.coordination = calculate_coordination_of_bulk_atoms(self.atoms)
         structure, millers, shift, top, oriented = self.untiled(miller)[index]
-        with _fairchem_shortcuts(self.bulk.atoms, self.coordination):
-            atoms = tile_and_tag_atoms(structure, self.bulk.atoms)
-        return Slab(self.bulk, atoms, millers, shift, top, oriented)
+        with _fairchem_shortcuts(self.atoms, self.coordination):
+            atoms = tile_and_tag_atoms(structure, self.atoms)
+        return Slab(self, atoms, millers, shift, top, oriented)
 
 
 class SystemSampler:
@@ -230,7 +232,8 @@ class SystemSampler:
         """System `sid`: uniform bulk, uniform Miller index among those with slabs, uniform (shift, top), uniform
         adsorbate -- the distribution of enumerating every slab up to `max_miller` first, at the cost of one
         Miller index (the first non-empty one of a random permutation)."""
-        from fairchem.data.oc.core import Adsorbate, AdsorbateSlabConfig
+        from fairchem.data.oc.core.adsorbate import Adsorbate
+        from fairchem.data.oc.core.adsorbate_slab_config import AdsorbateSlabConfig
 
         rng = np.random.default_rng([self.config.seed, sid])
         bulk_index = int(rng.integers(len(self.bulks)))
@@ -264,25 +267,53 @@ class SystemSampler:
         return SampledSystem(sid=sid, atoms=atoms, details=details)
 
 
-def iter_systems(sampler: SystemSampler, sids: Sequence[int], *, num_workers: int = 0) -> Iterator[SampledSystem]:
-    """Systems in the order of `sids`; with workers, sampling runs ahead in a bounded window."""
+def import_oc_core_without_fairchem_core() -> None:
+    """Make `fairchem.data.oc.core`'s submodules importable without running the package's `__init__`, whose
+    `Bulk` import loads fairchem-core and torch (tens of seconds per fresh process). For sampling worker processes
+    only: afterwards `from fairchem.data.oc.core import Bulk` fails in that process."""
+    name = "fairchem.data.oc.core"
+    if name not in sys.modules:
+        sys.modules[name] = importlib.util.module_from_spec(importlib.util.find_spec(name))
+
+
+_worker_sampler: SystemSampler | None = None
+
+
+def _start_worker(config: SamplerConfig) -> None:
+    global _worker_sampler
+    import_oc_core_without_fairchem_core()
+    _worker_sampler = SystemSampler(config)
+
+
+def _sample_in_worker(sid: int) -> SampledSystem:
+    return _worker_sampler.sample(sid)
+
+
+def iter_systems(sampler: SystemSampler, sids: Sequence[int], *, num_workers: int = 0,
+                 ahead: int | None = None) -> Iterator[SampledSystem]:
+    """The systems `sids`: in their order in-process (`num_workers=0`); with workers, in the order they finish,
+    at most `ahead` (default 4 per worker) sampled or in flight beyond the one being consumed, so a slow system
+    never holds back the ones after it. Each worker builds its own sampler from `sampler.config` once."""
     if num_workers <= 0:
         for sid in sids:
             yield sampler.sample(sid)
         return
-    import multiprocess
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-    window = 4 * num_workers
-    with multiprocess.get_context("spawn").Pool(num_workers) as pool:
-        queue: list = []
-        sid_iter = iter(sids)
-        for sid in sid_iter:
-            queue.append(pool.apply_async(sampler.sample, (sid,)))
-            if len(queue) >= window:
-                break
-        while queue:
-            result = queue.pop(0).get()
-            next_sid = next(sid_iter, None)
-            if next_sid is not None:
-                queue.append(pool.apply_async(sampler.sample, (next_sid,)))
-            yield result
+    ahead = ahead or 4 * num_workers
+    pending_sids = iter(sids)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_start_worker,
+                             initargs=(sampler.config,)) as pool:
+        in_flight = {pool.submit(_sample_in_worker, sid) for sid in itertools.islice(pending_sids, ahead)}
+        try:
+            while in_flight:
+                finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                in_flight |= {pool.submit(_sample_in_worker, sid)
+                              for sid in itertools.islice(pending_sids, len(finished))}
+                for future in sorted(finished, key=lambda f: f.result().sid):
+                    yield future.result()
+        finally:
+            for future in in_flight:
+                future.cancel()
