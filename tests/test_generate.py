@@ -25,7 +25,8 @@ from kdaug.data.convert import fixed_mask
 from kdaug.data.lmdb import FrameDataset
 from kdaug.generate import GenerateConfig, anomaly, run_generate
 from kdaug.models import load_model
-from kdaug.relax.runner import BatchedRelaxer, RelaxResult, RelaxTask, StepRecord
+from kdaug.errors import KdaugError
+from kdaug.relax.runner import BatchedRelaxer, ReadyTasks, RelaxResult, RelaxTask, StepRecord
 from kdaug.sampling.oc import SamplerConfig, SystemSampler, iter_systems
 from tests.conftest import emt_slab
 
@@ -100,6 +101,38 @@ def test_batch_stays_full_while_work_remains():
     before_last = [n for n, handed in sizes if handed < len(slabs)]
     assert before_last and all(n == 3 for n in before_last)
     assert len({r.n_steps for r in results}) > 1  # systems really finished at different steps
+
+
+def test_relaxer_steps_while_the_sampler_is_slow_and_loses_nothing():
+    slabs = [emt_slab(m, a, seed=i) for i, (m, a) in enumerate(SLABS * 2)]
+    produced = []
+
+    def slow_tasks():  # a sampler that hands over systems out of sid order, one every 50 ms
+        for task in [tasks_of(slabs)[k] for k in (3, 0, 7, 1, 9, 2, 8, 4, 6, 5)]:
+            time.sleep(0.05)
+            produced.append(task.sid)
+            yield task
+
+    steps_while_waiting = []
+    relaxer = BatchedRelaxer(load_model("emt"), max_systems=4, max_steps=40,
+                             on_step=lambda n_systems, n_atoms: steps_while_waiting.append(len(produced) < 10))
+    with ReadyTasks(slow_tasks(), ahead=2) as ready:
+        results = list(relaxer.run(ready))
+    assert sorted(r.task.sid for r in results) == list(range(10))  # each system once
+    assert sum(steps_while_waiting) > 1  # it stepped the systems it had instead of waiting for a full batch
+    alone = {r.task.sid: r for r in BatchedRelaxer(load_model("emt"), max_systems=1, max_steps=40).run(tasks_of(slabs))}
+    for result in results:
+        assert result.n_steps == alone[result.task.sid].n_steps
+        np.testing.assert_allclose(result.final.positions, alone[result.task.sid].final.positions, atol=1e-10)
+
+
+def test_sampler_errors_reach_the_relaxer():
+    def failing():
+        yield tasks_of([emt_slab()])[0]
+        raise KdaugError("--bulk-db x: broken")
+
+    with ReadyTasks(failing()) as ready, pytest.raises(KdaugError, match="broken"):
+        list(BatchedRelaxer(load_model("emt"), max_steps=2).run(ready))
 
 
 def test_atom_budget_and_out_of_memory_backoff():
@@ -196,12 +229,13 @@ def test_two_shards_equal_the_unsharded_run(bulk_db, tmp_path):
 
 
 def test_kill_and_resume_gives_the_same_frames(bulk_db, tmp_path):
+    # Sampling workers and the writer thread run; kill -9 lands while systems are in flight on all three.
     config = small_config(bulk_db, tmp_path / "whole", n_systems=8)
     run_generate(config, progress=False)
     out = tmp_path / "resumed"
     args = [sys.executable, "-m", "kdaug", "generate", "--n-systems", "8", "--out", str(out), "--teacher", "emt",
             "--bulk-db", str(bulk_db), "--adsorbate-ids", "0", "1", "2", "--max-miller", "1", "--optimizer", "fire",
-            "--max-steps", "15", "--frame-fraction", "0.3", "--max-systems-per-batch", "3", "--num-workers", "0",
+            "--max-steps", "15", "--frame-fraction", "0.3", "--max-systems-per-batch", "3", "--num-workers", "2",
             "--seed", "3"]
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / "manifest.json"
@@ -220,6 +254,45 @@ def test_kill_and_resume_gives_the_same_frames(bulk_db, tmp_path):
     assert_same_frames(whole, resumed)
     dataset = FrameDataset(out)
     assert len(dataset) == len(whole)  # nothing written twice
+    dataset.close()
+
+
+def test_workers_completing_out_of_order_give_the_in_process_frames(bulk_db, tmp_path):
+    in_process = run_generate(small_config(bulk_db, tmp_path / "serial"), progress=False)
+    pooled = run_generate(small_config(bulk_db, tmp_path / "pooled", num_workers=2), progress=False)
+    assert_same_frames(read_frames(tmp_path / "serial"), read_frames(tmp_path / "pooled"))
+    assert {k: v for k, v in in_process.items() if k != "seconds"} == {k: v for k, v in pooled.items()
+                                                                      if k != "seconds"}
+
+
+def test_a_failing_write_stops_the_run_in_one_line_and_keeps_what_was_committed(bulk_db, tmp_path, monkeypatch):
+    from kdaug.data.lmdb import LmdbWriter
+
+    real_write, calls = LmdbWriter.write_batch, []
+
+    def write_batch(self, frames, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return real_write(self, frames, **kwargs)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(LmdbWriter, "write_batch", write_batch)
+    with pytest.raises(KdaugError) as error:
+        run_generate(small_config(bulk_db, out), progress=False)
+    message = str(error.value)
+    assert "\n" not in message and "No space left on device" in message and "2 systems written" in message
+    committed = read_frames(out)
+    dataset = FrameDataset(out)
+    assert len(dataset) == len(committed)
+    dataset.close()
+    monkeypatch.setattr(LmdbWriter, "write_batch", real_write)
+    summary = run_generate(small_config(bulk_db, out), progress=False)
+    assert summary["systems"] == 4  # the two committed systems are not redone
+    resumed = read_frames(out)
+    assert set(committed) <= set(resumed)
+    dataset = FrameDataset(out)
+    assert len(dataset) == len(resumed)  # nothing written twice
     dataset.close()
 
 
