@@ -1,0 +1,169 @@
+"""End-to-end `kdaug generate` versus the relaxer alone versus a bare teacher forward, for one teacher and batch.
+
+    python -m benchmarks.generate [--teacher emt|chgnet|painn-small|gemnet-oc] [--device cuda] [--batch 32]
+                                  [--systems 64] [--max-steps 100] [--workers 8] [--sampler-workers 0 1 2]
+
+Prints a markdown table from one run on one machine:
+- bare forward samples/s at the batch size on pre-sampled systems;
+- relaxer-only evaluations/s (teacher evaluations that advance a system, with in-flight refill) on the same
+  pre-sampled systems, and its ratio to the bare forward;
+- end-to-end `run_generate` evaluations/s (sampling workers, relaxer, writer thread) on the same systems, its
+  ratio to the relaxer alone (target >= 0.9), the same from its first teacher step on (start-up left out, as
+  it is in a long run), and the time from the call to the first teacher step;
+- the sampler's systems/s per worker count (worker start-up included);
+- the d1M estimate: 100k systems x 100 evaluations at the end-to-end rate, in device-hours.
+The workload is real relaxations to `--fmax`: systems finish at different steps (their spread is printed).
+A GNN config runs with random weights (saved as a checkpoint so `generate` can load it as a teacher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase.neighborlist import neighbor_list
+
+from benchmarks.common import rate
+from kdaug.data.batch import batch_from_frames
+from kdaug.generate import GenerateConfig, run_generate
+from kdaug.models import load_model, load_teacher
+from kdaug.relax.runner import BatchedRelaxer, RelaxTask
+from kdaug.sampling.oc import SamplerConfig, SystemSampler, iter_systems
+
+D1M_EVALUATIONS = 100_000 * 100
+EDGE_CUTOFF = 6.0  # A, GemNet-OC's and PaiNN's OC20 cutoff: a forward's cost follows its edges
+
+
+class Counter:
+    """on_step callback: teacher evaluations and the time of the first one."""
+
+    def __init__(self) -> None:
+        self.evaluations, self.first = 0, None
+
+    def __call__(self, n_systems: int, n_atoms: int) -> None:
+        self.evaluations += n_systems
+        self.first = self.first or time.perf_counter()
+
+
+def teacher_and_checkpoint(name: str, device: str, folder: Path) -> tuple[object, str | None]:
+    if name in ("emt", "chgnet") or name.startswith("ase:"):
+        return load_teacher(name, device=device), None
+    torch.manual_seed(0)
+    checkpoint = folder / f"{name}-random.pt"
+    load_model(name).save(checkpoint)
+    return load_teacher(name, checkpoint, device=device), str(checkpoint)
+
+
+def sampler_rate(config: SamplerConfig, workers: int, n_systems: int) -> tuple[float, float]:
+    """(systems/s, seconds to the first system), worker start-up included."""
+    sampler = SystemSampler(config)
+    start = time.perf_counter()
+    first = None
+    for _ in iter_systems(sampler, range(1000, 1000 + n_systems), num_workers=workers):
+        first = first or time.perf_counter() - start
+    return n_systems / (time.perf_counter() - start), first
+
+
+def label_difference(teacher, tasks: list[RelaxTask], device: str) -> tuple[float, float]:
+    """(max |dE| per atom in eV, max |dF| in eV/A) of the teacher's labels with TF32 against full fp32."""
+    outputs = []
+    for precision in ("highest", "high"):
+        torch.set_float32_matmul_precision(precision)
+        outputs.append(teacher(batch_from_frames(tasks, device=device, dtype=teacher.dtype)))
+    torch.set_float32_matmul_precision("highest")
+    natoms = torch.tensor([t.n_atoms for t in tasks], device=outputs[0].energy.device)
+    energy = ((outputs[1].energy - outputs[0].energy).abs() / natoms).max().item()
+    return energy, (outputs[1].forces - outputs[0].forces).abs().max().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="emt")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "tf32"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--systems", type=int, default=16)
+    parser.add_argument("--max-steps", type=int, default=100)
+    parser.add_argument("--fmax", type=float, default=0.05)
+    parser.add_argument("--optimizer", default="fire")
+    parser.add_argument("--max-miller", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="sampling workers of the end-to-end run")
+    parser.add_argument("--graph-workers", type=int, default=0, help="CHGNet graph processes (chgnet only)")
+    parser.add_argument("--sampler-workers", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--sampled-systems", type=int, default=8)
+    args = parser.parse_args()
+
+    folder = Path(tempfile.mkdtemp(prefix="kdaug-bench-"))
+    teacher, checkpoint = teacher_and_checkpoint(args.teacher, args.device, folder)
+    if args.graph_workers:
+        teacher.build_graphs_in(args.graph_workers)
+    sampler_config = SamplerConfig(max_miller=args.max_miller, seed=0, supported_elements=teacher.supported_elements)
+    sampler = SystemSampler(sampler_config)
+    systems = [sampler.sample(sid) for sid in range(args.systems)]
+    tasks = [RelaxTask.from_atoms(s.atoms, sid=s.sid, payload=s.details) for s in systems]
+    n_atoms = [t.n_atoms for t in tasks]
+    edges_per_atom = [len(neighbor_list("i", s.atoms, EDGE_CUTOFF)) / len(s.atoms) for s in systems]
+    batch_tasks = tasks[: args.batch]
+    tf32_error = None
+    if args.precision == "tf32":
+        tf32_error = label_difference(teacher, batch_tasks, args.device)
+        torch.set_float32_matmul_precision("high")
+    forward = rate(lambda: teacher(batch_from_frames(batch_tasks, device=args.device, dtype=teacher.dtype)),
+                   len(batch_tasks), device=args.device)
+
+    relax_count = Counter()
+    relaxer = BatchedRelaxer(teacher, optimizer=args.optimizer, fmax=args.fmax, max_steps=args.max_steps,
+                             max_systems=args.batch, device=args.device, on_step=relax_count)
+    start = time.perf_counter()
+    steps = [r.n_steps for r in relaxer.run(tasks)]
+    relax = relax_count.evaluations / (time.perf_counter() - start)
+
+    if args.graph_workers:
+        teacher.close_graph_workers()  # the end-to-end run starts its own
+    generate_count = Counter()
+    config = GenerateConfig(n_systems=args.systems, out=str(folder / "out"), teacher=args.teacher,
+                            checkpoint=checkpoint, device=args.device, precision=args.precision, seed=0,
+                            max_miller=args.max_miller, optimizer=args.optimizer, fmax=args.fmax,
+                            max_steps=args.max_steps, max_systems_per_batch=args.batch, num_workers=args.workers,
+                            graph_workers=args.graph_workers, frame_fraction=0.1)
+    start = time.perf_counter()
+    summary = run_generate(config, progress=False, on_step=generate_count)
+    end = time.perf_counter()
+    end_to_end = generate_count.evaluations / (end - start)
+    first_step = generate_count.first - start
+    steady = generate_count.evaluations / (end - generate_count.first)
+
+    unit = "GPU" if args.device.startswith("cuda") else "CPU"
+    print(f"teacher {args.teacher} ({'random weights' if checkpoint else 'pretrained/analytic'}) on {args.device}, "
+          f"precision {args.precision}, batch {args.batch}, {args.systems} systems at max_miller {args.max_miller} "
+          f"({int(np.median(n_atoms))} atoms median, {min(n_atoms)}-{max(n_atoms)}), {args.optimizer} to fmax "
+          f"{args.fmax} in at most {args.max_steps} steps: steps per system min/median/max "
+          f"{min(steps)}/{int(np.median(steps))}/{max(steps)}, {summary['converged']} converged; edges per atom "
+          f"within {EDGE_CUTOFF} A min/median/max {min(edges_per_atom):.0f}/{np.median(edges_per_atom):.0f}/"
+          f"{max(edges_per_atom):.0f}")
+    if tf32_error is not None:
+        print(f"TF32 vs fp32 labels on the first batch: max |dE| {tf32_error[0] * 1000:.3f} meV/atom, "
+              f"max |dF| {tf32_error[1]:.4f} eV/A")
+    print()
+    print("| measure | value | ratio |")
+    print("| --- | --- | --- |")
+    print(f"| bare forward | {forward:.2f} samples/s | |")
+    print(f"| relaxer only (pre-sampled systems) | {relax:.2f} evaluations/s | {relax / forward:.2f}x forward |")
+    print(f"| end-to-end `generate` ({args.workers} sampling workers) | {end_to_end:.2f} evaluations/s | "
+          f"{end_to_end / relax:.2f}x relaxer (target >= 0.9) |")
+    print(f"| end-to-end after its first teacher step | {steady:.2f} evaluations/s | {steady / relax:.2f}x relaxer |")
+    print(f"| time to first teacher step (`generate`) | {first_step:.1f} s | |")
+    for workers in args.sampler_workers:
+        per_s, first = sampler_rate(sampler_config, workers, args.sampled_systems)
+        print(f"| sampler, {workers} worker(s), max_miller {args.max_miller} | {per_s:.2f} systems/s | "
+              f"first after {first:.1f} s |")
+    print(f"| d1M estimate (100k systems x 100 steps) at the end-to-end rate | "
+          f"{D1M_EVALUATIONS / end_to_end / 3600:.1f} {unit}-hours | |")
+
+
+if __name__ == "__main__":
+    main()
