@@ -59,13 +59,24 @@ def teacher_and_checkpoint(name: str, device: str, folder: Path) -> tuple[object
 
 
 def sampler_rate(config: SamplerConfig, workers: int, n_systems: int) -> tuple[float, float]:
-    """(systems/s, seconds to the first system), worker start-up included."""
+    """(systems/s after the first, seconds to the first system, worker start-up included)."""
     sampler = SystemSampler(config)
     start = time.perf_counter()
     first = None
     for _ in iter_systems(sampler, range(1000, 1000 + n_systems), num_workers=workers):
-        first = first or time.perf_counter() - start
-    return n_systems / (time.perf_counter() - start), first
+        first = first or time.perf_counter()
+    return (n_systems - 1) / (time.perf_counter() - first), first - start
+
+
+def initial_fmax(teacher, tasks: list[RelaxTask], batch: int, device: str) -> np.ndarray:
+    """Largest free-atom force (eV/A) of each system at its start."""
+    values = []
+    for k in range(0, len(tasks), batch):
+        part = tasks[k : k + batch]
+        forces = teacher(batch_from_frames(part, device=device, dtype=teacher.dtype)).forces.detach().cpu().numpy()
+        for task, f in zip(part, np.split(forces, np.cumsum([t.n_atoms for t in part])[:-1])):
+            values.append(np.linalg.norm(f[~task.fixed], axis=1).max())
+    return np.array(values)
 
 
 def label_difference(teacher, tasks: list[RelaxTask], device: str) -> tuple[float, float]:
@@ -89,6 +100,9 @@ def main() -> None:
     parser.add_argument("--systems", type=int, default=16)
     parser.add_argument("--max-steps", type=int, default=100)
     parser.add_argument("--fmax", type=float, default=0.05)
+    parser.add_argument("--fmax-of-start", type=float, default=None,
+                        help="instead of --fmax: this fraction of the median starting fmax (random-weight teachers, "
+                             "whose forces have no physical scale)")
     parser.add_argument("--optimizer", default="fire")
     parser.add_argument("--max-miller", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2, help="sampling workers of the end-to-end run")
@@ -107,6 +121,8 @@ def main() -> None:
     tasks = [RelaxTask.from_atoms(s.atoms, sid=s.sid, payload=s.details) for s in systems]
     n_atoms = [t.n_atoms for t in tasks]
     edges_per_atom = [len(neighbor_list("i", s.atoms, EDGE_CUTOFF)) / len(s.atoms) for s in systems]
+    if args.fmax_of_start is not None:
+        args.fmax = float(args.fmax_of_start * np.median(initial_fmax(teacher, tasks, args.batch, args.device)))
     batch_tasks = tasks[: args.batch]
     tf32_error = None
     if args.precision == "tf32":
@@ -141,7 +157,7 @@ def main() -> None:
     print(f"teacher {args.teacher} ({'random weights' if checkpoint else 'pretrained/analytic'}) on {args.device}, "
           f"precision {args.precision}, batch {args.batch}, {args.systems} systems at max_miller {args.max_miller} "
           f"({int(np.median(n_atoms))} atoms median, {min(n_atoms)}-{max(n_atoms)}), {args.optimizer} to fmax "
-          f"{args.fmax} in at most {args.max_steps} steps: steps per system min/median/max "
+          f"{args.fmax:.3g} in at most {args.max_steps} steps: steps per system min/median/max "
           f"{min(steps)}/{int(np.median(steps))}/{max(steps)}, {summary['converged']} converged; edges per atom "
           f"within {EDGE_CUTOFF} A min/median/max {min(edges_per_atom):.0f}/{np.median(edges_per_atom):.0f}/"
           f"{max(edges_per_atom):.0f}")
@@ -159,8 +175,8 @@ def main() -> None:
     print(f"| time to first teacher step (`generate`) | {first_step:.1f} s | |")
     for workers in args.sampler_workers:
         per_s, first = sampler_rate(sampler_config, workers, args.sampled_systems)
-        print(f"| sampler, {workers} worker(s), max_miller {args.max_miller} | {per_s:.2f} systems/s | "
-              f"first after {first:.1f} s |")
+        print(f"| sampler, {workers} worker(s), max_miller {args.max_miller} | {per_s:.2f} systems/s after the "
+              f"first | first after {first:.1f} s |")
     print(f"| d1M estimate (100k systems x 100 steps) at the end-to-end rate | "
           f"{D1M_EVALUATIONS / end_to_end / 3600:.1f} {unit}-hours | |")
 

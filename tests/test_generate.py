@@ -205,7 +205,7 @@ def test_generate_writes_fixed_atoms_unmoved_and_provenance(bulk_db, tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["n_frames"] == len(frames)
     assert manifest["counters"] == {key: n for key, n in summary.items() if n and key != "seconds"}
-    assert manifest["creation_args"]["teacher"] == "emt"
+    assert manifest["creation_args"]["teacher"] == "emt" and manifest["creation_args"]["precision"] == "fp32"
 
 
 def assert_same_frames(ours, theirs):
@@ -332,9 +332,12 @@ def cli(*args):
         (lambda tmp, db: ["--bulk-db", str(db), "--out", str(_write(tmp / "file", b"")) + "/sub"],
          "--out .*file/sub: cannot write there"),
         (lambda tmp, db: ["--bulk-db", str(db), "--frame-fraction", "1.5"], "--frame-fraction 1.5: expected"),
+        (lambda tmp, db: ["--bulk-db", str(db), "--precision", "tf32"], "--precision tf32: needs --device cuda"),
+        (lambda tmp, db: ["--bulk-db", str(db), "--precision", "bf16"], "--precision bf16: expected one of"),
+        (lambda tmp, db: ["--bulk-db", str(db), "--graph-workers", "2"], "--graph-workers 2: only the chgnet"),
     ],
     ids=["missing-db", "garbage-db", "wrong-shape-db", "unknown-adsorbate", "teacher-lacks-element",
-         "unwritable-out", "bad-fraction"],
+         "unwritable-out", "bad-fraction", "tf32-on-cpu", "unknown-precision", "graph-workers-not-chgnet"],
 )
 def test_bad_generate_input_is_one_line(tmp_path, bulk_db, make_args, expected):
     import re
