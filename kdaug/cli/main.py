@@ -22,6 +22,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("train", "kdaug.cli.train", "train a student on DFT + synthetic data, with or without knowledge distillation"),
     ("evaluate", "kdaug.cli.evaluate", "energy/force MAE, force cosine, EFwT and speed of a model on LMDBs"),
     ("teacher-cache", "kdaug.cli.teacher_cache", "store a teacher's KD targets for frame LMDBs (for kdaug train)"),
+    ("study", "kdaug.cli.study", "run the paper's KD comparison (teacher, student, strategies, extra data) as a table"),
+    ("cka", "kdaug.cli.cka", "linear CKA between every teacher and student layer's node features on data"),
 )
 
 
