@@ -84,20 +84,22 @@ def plot_cka(matrix: np.ndarray, teacher_layers: Sequence[str], student_layers: 
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(student_layers), 1.2 + 0.7 * len(teacher_layers)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.5 + 0.9 * len(student_layers)), 2.0 + 0.7 * len(teacher_layers)))
     if diverging:
-        limit = max(float(np.abs(matrix).max()), 1e-6)
+        limit = max(float(np.abs(matrix).max()), 0.05)  # gains below 0.05 stay pale
         image = ax.imshow(matrix, cmap="RdBu_r", vmin=-limit, vmax=limit, origin="lower")
     else:
-        image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=1, origin="lower")
+        limit = 1.0
+        image = ax.imshow(matrix, cmap="viridis", vmin=0, vmax=limit, origin="lower")
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
-                color="black" if diverging or value > 0.5 else "white")
+        dark = abs(value) > 0.6 * limit if diverging else value < 0.5
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8, color="white" if dark else "black")
     if mark is not None and mark[0] in teacher_layers and mark[1] in student_layers:
         i, j = list(teacher_layers).index(mark[0]), list(student_layers).index(mark[1])
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
     ax.set(xticks=range(len(student_layers)), xticklabels=student_layers, yticks=range(len(teacher_layers)),
-           yticklabels=teacher_layers, xlabel="student layer", ylabel="teacher layer", title=title)
+           yticklabels=teacher_layers, xlabel="student layer", ylabel="teacher layer")
+    ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, label="CKA gain" if diverging else "linear CKA")
     fig.tight_layout()
     fig.savefig(png, dpi=100)

@@ -22,6 +22,7 @@ class DftGeneration:
 
     teacher: str = option("emt", help="labeller: emt, chgnet, ase:module:Class, or a model config with checkpoint")
     checkpoint: str | None = option(None, help="labeller checkpoint (GNN labellers)")
+    device: str = option("cpu", help="the labeller's device (EMT runs on the CPU whatever the study's device)")
     train_systems: int = option(0, help="relaxed systems for the training set (0: no generated set)")
     val_systems: int = option(0, help="further systems (other seed) for the held-out validation set")
     seed: int = option(0, help="generate seed of the training systems; validation uses seed + 1")

@@ -9,6 +9,7 @@ from pathlib import Path
 from kdaug.study.table import GAP_METRICS, METRICS
 
 _COLUMNS = {key: column for key, column, _ in METRICS}
+_CLIP = 200.0  # gap-closed axis range (%): beyond it one run would flatten the others
 
 
 def _pyplot():
@@ -30,9 +31,14 @@ def plot_gap_closed(tables: Mapping[str, Sequence[Mapping]], png: Path, *, title
         rows = [row for row in rows if "gap_closed_pct" in row]
         for k, key in enumerate(GAP_METRICS):
             stats = [row["gap_closed_pct"][key] for row in rows]
-            ax.bar([i + (k - (len(GAP_METRICS) - 1) / 2) * width for i in range(len(rows))],
-                   [s["mean"] if s["mean"] is not None else 0.0 for s in stats], width,
-                   yerr=[s["std"] or 0.0 for s in stats], capsize=2, label=_COLUMNS[key])
+            x = [i + (k - (len(GAP_METRICS) - 1) / 2) * width for i in range(len(rows))]
+            means = [s["mean"] if s["mean"] is not None else 0.0 for s in stats]
+            ax.bar(x, means, width, yerr=[s["std"] or 0.0 for s in stats], capsize=2, label=_COLUMNS[key])
+            for xi, mean in zip(x, means):  # bars beyond the axis range carry their value
+                if abs(mean) > _CLIP:
+                    ax.text(xi, _CLIP * (1 if mean > 0 else -1) * 0.95, f"{mean:.0f}", ha="center", fontsize=7,
+                            rotation=90, va="top" if mean > 0 else "bottom")
+        ax.set_ylim(-_CLIP, _CLIP)
         ax.axhline(0, color="black", linewidth=0.8)
         ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
         ax.set_xticks(range(len(rows)), [row["label"] for row in rows], rotation=20, ha="right")

@@ -64,7 +64,7 @@ class Study:
         """(training LMDBs, {validation set name: path}), generating the EMT/labeller set when asked."""
         gen = self.config.data.generate
         train, val = list(self.config.data.train), {}
-        common = {"teacher": gen.teacher, "checkpoint": gen.checkpoint, "device": self.config.device,
+        common = {"teacher": gen.teacher, "checkpoint": gen.checkpoint, "device": gen.device,
                   "adsorbate_ids": gen.adsorbate_ids, "max_miller": gen.max_miller, "fmax": gen.fmax,
                   "max_steps": gen.max_steps, "frame_fraction": gen.frame_fraction, "num_workers": 0}
         if gen.train_systems:
