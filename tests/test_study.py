@@ -3,6 +3,7 @@ killed after its first finished student run, rerun (finished runs skipped), reru
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -98,18 +99,20 @@ def test_a_killed_study_resumes_and_a_finished_one_retrains_nothing(study_yaml):
     config = load_config(StudyConfig, [study_yaml])
     out = Path(config.out)
     first = out / "runs" / "student" / "seed0" / "result.json"
+    second = out / "runs" / "student" / "seed1"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, "-m", "kdaug", "study", str(study_yaml)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    try:  # kill -9 once the first student run is finished and the second has a checkpoint
         deadline = time.monotonic() + 120
-        while not first.is_file() and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert first.is_file(), "the study never finished its first student run"
+        while not (second / "checkpoint.pt").is_file() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
     finally:
         process.wait()
+    assert first.is_file() and (second / "checkpoint.pt").is_file(), "the study was not killed where intended"
     assert not (out / "results.json").exists()
+    interrupted = not (second / "result.json").is_file()
     before = _mtimes(out)
     assert {"teacher/result.json", "runs/student/seed0/result.json"} <= set(before)
 
@@ -143,7 +146,10 @@ def test_a_killed_study_resumes_and_a_finished_one_retrains_nothing(study_yaml):
     assert synthetic["mix_ratio"] == 0.5 and synthetic["synthetic"] == [str(out / "data" / "rattle" / "part0")]
     assert any("val" in json.loads(line) for line in (out / "runs/n2n/seed1/log.jsonl").read_text().splitlines())
 
-    run_study(config, progress=False)
+    if interrupted:  # the killed run went on from its checkpoint
+        assert any(json.loads(line).get("resumed") for line in (second / "log.jsonl").read_text().splitlines())
+
+    run_study(dataclasses.replace(config, checkpoint_every=5), progress=False)  # nothing to retrain
     assert _mtimes(out) == after
 
 

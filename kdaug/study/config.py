@@ -27,6 +27,8 @@ class DftGeneration:
     val_systems: int = option(0, help="further systems (other seed) for the held-out validation set")
     seed: int = option(0, help="generate seed of the training systems; validation uses seed + 1")
     adsorbate_ids: tuple[int, ...] | None = option(None, help="fairchem-data-oc adsorbate ids to draw from")
+    elements: tuple[str, ...] | None = option(
+        None, help="draw only embedded bulks made of these elements (e.g. [Cu, Pt]; default: all bulks)")
     max_miller: int = option(1, help="largest Miller index of sampled slabs")
     fmax: float = option(0.05, help="relaxation convergence threshold", unit="eV/A")
     max_steps: int = option(100, help="optimizer steps per system at most")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from ase.data import atomic_numbers, chemical_symbols
 
 from kdaug.cka import cka_map, collect_layer_features, plot_cka
 from kdaug.config import load_config
@@ -34,6 +35,8 @@ from kdaug.train.loop import run_train
 
 logger = logging.getLogger(__name__)
 RESULT = "result.json"  # written last in a run folder: the run is finished
+# kdaug train options that leave the trained model as it is: a finished run is not redone for them
+NO_OUTCOME_CHANGE = frozenset({"device", "num_workers", "checkpoint_every", "log_every", "eval_batch_size"})
 
 
 def _write_json(path: Path, content: dict) -> None:
@@ -67,6 +70,8 @@ class Study:
         common = {"teacher": gen.teacher, "checkpoint": gen.checkpoint, "device": gen.device,
                   "adsorbate_ids": gen.adsorbate_ids, "max_miller": gen.max_miller, "fmax": gen.fmax,
                   "max_steps": gen.max_steps, "frame_fraction": gen.frame_fraction, "num_workers": 0}
+        if gen.elements:
+            common["bulk_db"] = self._bulk_db(_atomic_numbers(gen.elements))
         if gen.train_systems:
             folder = self.out / "data" / "dft-train"
             train.append(self._generate(folder, GenerateConfig(n_systems=gen.train_systems, out=str(folder),
@@ -116,12 +121,8 @@ class Study:
         return tuple(paths)
 
     def _bulks_like(self, train: Sequence[str]) -> str:
-        """A bulk database with the embedded bulks made only of the training set's elements (the teacher has
-        seen nothing else), written once into data/."""
-        path = self.out / "data" / "bulks-train-elements.pkl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_file():
-            return str(path)
+        """A bulk database of the embedded bulks made only of the training set's elements (the teacher has
+        seen nothing else)."""
         dataset = TrainingSet(train)
         try:
             elements = set()
@@ -129,11 +130,19 @@ class Study:
                 elements.update(int(z) for z in dataset[i].atomic_numbers.unique())
         finally:
             dataset.close()
+        return self._bulk_db(elements)
+
+    def _bulk_db(self, elements: set[int]) -> str:
+        """data/bulks-<elements>.pkl: the embedded bulks made only of `elements` (atomic numbers), written once."""
+        symbols = [chemical_symbols[z] for z in sorted(elements)]
+        path = self.out / "data" / f"bulks-{'-'.join(symbols)}.pkl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            return str(path)
         with open(resource_path("bulks.pkl"), "rb") as handle:
             bulks = [b for b in pickle.load(handle) if set(b["atoms"].get_atomic_numbers()) <= elements]
         if not bulks:
-            raise KdaugError(f"extra.generate_systems: no embedded bulk is made of the training elements "
-                             f"{sorted(elements)}")
+            raise KdaugError(f"data.generate.elements: no embedded bulk is made of {', '.join(symbols)} only")
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "wb") as handle:
             pickle.dump(bulks, handle)
@@ -164,7 +173,7 @@ class Study:
         options = json.loads(json.dumps(dataclasses.asdict(config)))
         if result_path.is_file():
             result = json.loads(result_path.read_text())
-            if result["config"] == options:
+            if _same_outcome(result["config"], options):
                 logger.info("%s: finished before, skipped", name)
                 return result
         logger.info("%s: training -> %s", name, out)
@@ -295,6 +304,17 @@ class Study:
             plot_cka(gain, teacher_layers, student_layers, folder / f"{slug(label)}.png", diverging=True,
                      mark=marks[label], title=f"CKA gain of {label} over the baseline student")
         return summary
+
+
+def _atomic_numbers(symbols: Sequence[str]) -> set[int]:
+    unknown = [s for s in symbols if s not in atomic_numbers]
+    if unknown:
+        raise KdaugError(f"data.generate.elements: {', '.join(unknown)}: expected element symbols (Cu, Pt, ...)")
+    return {atomic_numbers[s] for s in symbols}
+
+
+def _same_outcome(before: dict, now: dict) -> bool:
+    return all(before.get(key) == now.get(key) for key in set(before) | set(now) if key not in NO_OUTCOME_CHANGE)
 
 
 def _unsupported_modes(student, teacher) -> dict[str, str]:
