@@ -76,7 +76,7 @@ def study_yaml(tmp_path_factory) -> Path:
     for name, part in (("dft", frames[:8]), ("val", frames[8:])):
         with LmdbWriter(root / name) as writer:
             writer.write_batch(part)
-    budget = {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "val_every": 2}
+    budget = {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "val_every": 100}  # validated once, at the end
     config = {
         "name": "seconds", "out": str(root / "out"), "seeds": [0, 1], "checkpoint_every": 1,
         "teacher": {"model": "painn-tiny", "train": {**budget, "max_steps": 4}},
@@ -173,3 +173,26 @@ def test_bad_study_config_is_one_line(tmp_path, study_yaml):
     assert result.stderr.startswith(f"kdaug study: error: {bad}: unknown key(s) strategy;")
     result = kdaug("study", str(study_yaml), "--seeds", "1", "1")
     assert result.stderr.strip() == "kdaug study: error: --seeds (1, 1): expected distinct seeds (at least one)"
+
+
+def test_bulk_databases_hold_only_the_asked_elements(tmp_path, study_yaml):
+    import pickle
+
+    from kdaug.errors import KdaugError
+    from kdaug.study.runner import Study
+
+    config = load_config(StudyConfig, [study_yaml], {"out": str(tmp_path / "out"),
+                                                     "data.generate.elements": ("Cu", "Pt")})
+    study = Study(config, progress=False)
+    path = study._bulk_db({29, 78})
+    assert path.endswith("bulks-Cu-Pt.pkl")
+    with open(path, "rb") as handle:
+        bulks = pickle.load(handle)
+    assert {b["src_id"] for b in bulks} == {"kdaug-fcc-Cu", "kdaug-fcc-Pt", "kdaug-B2-CuPt", "kdaug-L1_0-CuPt",
+                                            "kdaug-L1_2-Cu3Pt", "kdaug-L1_2-Pt3Cu"}
+    with pytest.raises(KdaugError, match="no embedded bulk is made of O only"):
+        study._bulk_db({8})
+    bad = load_config(StudyConfig, [study_yaml], {"out": str(tmp_path / "bad"), "data.generate.train_systems": 1,
+                                                  "data.generate.elements": ("Cu", "Xx")})
+    with pytest.raises(KdaugError, match="data.generate.elements: Xx: expected element symbols"):
+        Study(bad, progress=False).ground_truth()

@@ -81,7 +81,9 @@ def plot_learning_curves(run_logs: Mapping[str, Sequence[Path]], teacher_log: Pa
     for ax, key in zip(axes, keys):
         if teacher:
             ax.axhline(teacher[-1]["val"][key], color="black", linestyle="--", label="teacher")
-        ax.set(xlabel="step", ylabel=_COLUMNS[key], yscale="log", title=f"{title}: validation {_COLUMNS[key]}")
+        low, high = ax.get_ylim()
+        ax.set(xlabel="step", ylabel=_COLUMNS[key], yscale="log" if low > 0 and high > 5 * low else "linear",
+               title=f"{title}: validation {_COLUMNS[key]}")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=100)

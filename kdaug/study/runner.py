@@ -251,13 +251,14 @@ class Study:
                   "tables": tables, "skipped": skipped,
                   "train_seconds": {label: {str(s): r["train_seconds"] for s, r in by_seed.items()}
                                     for label, by_seed in results.items()},
-                  "seconds": time.perf_counter() - self.started}
+                  "wall_seconds": time.perf_counter() - self.started}  # of this invocation (resumed: its part)
         _write_json(self.out / "results.json", report)
         lines = [f"# {config.name}: teacher {config.teacher.model}, student {config.student.model}",
                  "", f"Seeds {', '.join(map(str, config.seeds))}: mean ± sample std over seeds; in brackets the "
                  "share of the teacher-student gap closed, 100 (student - run) / (student - teacher) %, per seed "
                  "against the baseline student of that seed (positive: towards the teacher, for every metric).",
-                 f"Commit {report['commit'] or 'unknown'}."]
+                 f"Commit {report['commit'] or 'unknown'}; this invocation took {report['wall_seconds'] / 60:.1f} min "
+                 f"(device {config.device})."]
         for name, rows in tables.items():
             lines += ["", f"## Validation set: {name} ({val[name]})", "", markdown_table(rows)]
         if skipped:
