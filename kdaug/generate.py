@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from ase import Atoms
@@ -28,9 +29,10 @@ from kdaug.data.convert import fixed_mask
 from kdaug.data.lmdb import LmdbWriter
 from kdaug.errors import KdaugError
 from kdaug.models import AtomisticModel, load_teacher
+from kdaug.models.fairchem_v1 import sha256_of
 from kdaug.relax.optimizers import OPTIMIZERS
 from kdaug.relax.runner import BatchedRelaxer, RelaxResult, RelaxTask
-from kdaug.sampling.oc import PLACEMENT_MODES, SampledSystem, SamplerConfig, SystemSampler, iter_systems
+from kdaug.sampling.oc import DEFAULT_BULK_DB, PLACEMENT_MODES, SampledSystem, SamplerConfig, SystemSampler, iter_systems
 from kdaug.types import Frame, Provenance
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,10 @@ EXPLODED_FORCE_EV_PER_ANG = 50.0
 @dataclass(frozen=True)
 class GenerateConfig:
     """Options of `kdaug generate` (units: fmax eV/A)."""
+
+    # Options that shape the data: a resume must keep them (with the teacher and bulk database hashes).
+    DATA_KEYS: ClassVar[tuple[str, ...]] = ("seed", "teacher", "frame_fraction", "fmax", "optimizer", "max_steps",
+                                            "adsorbate_ids", "placement", "max_miller")
 
     n_systems: int
     out: str
@@ -152,7 +158,10 @@ def run_generate(config: GenerateConfig, *, progress: bool = True, on_step=None)
     creation_args = {**dataclasses.asdict(config), "teacher_name": teacher.name,
                      "teacher_sha256": teacher.checkpoint_sha256, "shard_index": shard_index,
                      "num_shards": num_shards}
-    writer = LmdbWriter(config.out, stem=stem, creation_args=creation_args)
+    data_options = {**{key: getattr(config, key) for key in GenerateConfig.DATA_KEYS},
+                    "teacher_sha256": teacher.checkpoint_sha256, "num_shards": num_shards,
+                    "bulk_db_sha256": sha256_of(config.bulk_db or DEFAULT_BULK_DB)}
+    writer = LmdbWriter(config.out, stem=stem, creation_args=creation_args, data_options=data_options)
     done = writer.done_keys()
     sids = [sid for sid in range(shard_index, config.n_systems, num_shards) if str(sid) not in done]
     logger.info("shard %d/%d: %d systems to do, %d already done", shard_index, num_shards, len(sids), len(done))

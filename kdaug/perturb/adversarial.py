@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,9 @@ from kdaug.errors import KdaugError
 from kdaug.models import AtomisticModel, load_model, load_teacher
 from kdaug.perturb.common import (
     PerturbOptions,
+    check_inputs,
     check_output_not_input,
+    data_options,
     derived_frame,
     label,
     pending_chunks,
@@ -140,6 +143,8 @@ class AdversarialConfig(AttackParams, PerturbOptions):
     student: str
     min_rmsd: float = 0.005
     batch_size: int = 4
+    DATA_KEYS: ClassVar[tuple[str, ...]] = (*PerturbOptions.DATA_KEYS, *(f.name for f in dataclasses.fields(AttackParams)),
+                                            "min_rmsd")
 
     def params(self) -> AttackParams:
         return AttackParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AttackParams)})
@@ -157,10 +162,12 @@ def run_adversarial(config: AdversarialConfig, *, progress: bool = True) -> dict
     params = config.params()
     check_attack(student, teacher, params)
     indices = select_indices(len(dataset), config.fraction, config.seed)
+    check_inputs(dataset, indices, [teacher, student])
+    options = data_options(config, teacher, dataset, student_sha256=student.checkpoint_sha256)
     counts = {"inputs": 0, "written": 0, "rejected_min_distance": 0, "rejected_near_duplicate": 0}
     step_sums = np.zeros(params.steps + 1)
     n_batches = 0
-    with LmdbWriter(config.out, creation_args=dataclasses.asdict(config)) as writer, \
+    with LmdbWriter(config.out, creation_args=dataclasses.asdict(config), data_options=options) as writer, \
             tqdm(total=len(indices), desc="adversarial", unit=" frames", disable=not progress) as bar:
         for chunk in pending_chunks(dataset, indices, writer, config.batch_size):
             frames = [frame for _, frame in chunk]

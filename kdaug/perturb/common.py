@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ from ase.neighborlist import neighbor_list
 
 from kdaug.data.batch import batch_from_frames
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
-from kdaug.errors import KdaugError
+from kdaug.errors import KdaugError, UnsupportedElement
 from kdaug.models import AtomisticModel
 from kdaug.types import Frame, Provenance
 
@@ -23,6 +24,9 @@ from kdaug.types import Frame, Provenance
 @dataclass(frozen=True, kw_only=True)
 class PerturbOptions:
     """Options every perturbation generator shares: input, output, teacher and the sample selection."""
+
+    # Options that shape the output: a resume must keep them (with the teacher hash and input fingerprint).
+    DATA_KEYS: ClassVar[tuple[str, ...]] = ("teacher", "min_distance_factor", "fraction", "seed")
 
     input: str
     out: str
@@ -40,6 +44,22 @@ def check_output_not_input(input_path: str, out: str) -> None:
     if target.is_relative_to(source) or source.is_relative_to(target):
         msg = f"--out {out}: must not be (inside) the input {input_path}; nothing is written into inputs"
         raise KdaugError(msg)
+
+
+def check_inputs(dataset: FrameDataset, indices: Sequence[int], models: Sequence[AtomisticModel]) -> None:
+    """Validate every selected input frame, and that each model knows its elements, before any output exists."""
+    elements = dataset.check_entries(indices)
+    for model in models:
+        try:
+            model.check_elements(elements)
+        except UnsupportedElement as err:
+            raise KdaugError(f"--input {dataset.path}: {err}") from err
+
+
+def data_options(config: PerturbOptions, teacher: AtomisticModel, dataset: FrameDataset, **extra: Any) -> dict:
+    """What shapes a perturbation output: `config.DATA_KEYS`, the teacher checkpoint and the input fingerprint."""
+    return {**{key: getattr(config, key) for key in config.DATA_KEYS}, "teacher_sha256": teacher.checkpoint_sha256,
+            "input_fingerprint": dataset.fingerprint(), **extra}
 
 
 def select_indices(n_frames: int, fraction: float, seed: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 from tqdm import tqdm
@@ -19,7 +20,9 @@ from kdaug.errors import KdaugError
 from kdaug.models import load_teacher
 from kdaug.perturb.common import (
     PerturbOptions,
+    check_inputs,
     check_output_not_input,
+    data_options,
     derived_frame,
     label,
     pending_chunks,
@@ -36,6 +39,7 @@ class RattleConfig(PerturbOptions):
 
     sigma: float = 0.05
     copies: int = 1
+    DATA_KEYS: ClassVar[tuple[str, ...]] = (*PerturbOptions.DATA_KEYS, "sigma", "copies")
 
     def __post_init__(self) -> None:
         if self.sigma <= 0:
@@ -56,8 +60,10 @@ def run_rattle(config: RattleConfig, *, progress: bool = True) -> dict:
     check_output_not_input(config.input, config.out)
     teacher = load_teacher(config.teacher, config.checkpoint, device=config.device)
     indices = select_indices(len(dataset), config.fraction, config.seed)
+    check_inputs(dataset, indices, [teacher])
+    options = data_options(config, teacher, dataset)
     counts = {"inputs": 0, "written": 0, "rejected_min_distance": 0}
-    with LmdbWriter(config.out, creation_args=dataclasses.asdict(config)) as writer, \
+    with LmdbWriter(config.out, creation_args=dataclasses.asdict(config), data_options=options) as writer, \
             tqdm(total=len(indices), desc="rattle", unit=" frames", disable=not progress) as bar:
         for chunk in pending_chunks(dataset, indices, writer, config.batch_size):
             candidates = []
