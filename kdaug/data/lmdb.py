@@ -123,8 +123,11 @@ class LmdbWriter:
                 if file.stat().st_size:
                     check_lmdb_file(file)
             self._file_index = len(self._files) - 1 if self._files else 0
+            if self.data_options is not None:
+                self._check_siblings()
             self._open(self._file_index)
-            self._check_options()
+            if self.data_options is not None:
+                self._check_resume()
         except BaseException:
             self.close()
             raise
@@ -152,26 +155,28 @@ class LmdbWriter:
             cursor = txn.cursor()
             self._has_done = cursor.set_range(DONE_PREFIX) and cursor.key().startswith(DONE_PREFIX)
 
-    def _check_options(self) -> None:
-        """Refuse to resume an output made with other data-shaping options (before anything is written)."""
-        if self.data_options is None:
-            return
+    def _check_siblings(self) -> None:
+        """Refuse to join a directory whose other stems (shards) were made with other data options."""
+        for manifest in sorted(self.out_dir.glob("manifest*.json")):
+            if manifest.name != manifest_name(self.stem):
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    self._compare(manifest.name, json.loads(manifest.read_text()).get("data_options"))
+
+    def _check_resume(self) -> None:
+        """Refuse to resume this stem if it was made with other data options."""
         where = self._path(self._file_index)
         if self._stored_options is None and (self._length or self._has_done):
             msg = (f"--out {self.out_dir}: {where.name} holds {self._length} frames without a record of the "
                    "options that made them, so they cannot be resumed safely; write to a new --out")
             raise KdaugError(msg)
-        others = [(where.name, self._stored_options)] if self._stored_options is not None else []
-        for manifest in sorted(self.out_dir.glob("manifest*.json")):
-            if manifest.name != manifest_name(self.stem):
-                with contextlib.suppress(OSError, ValueError, AttributeError):
-                    others.append((manifest.name, json.loads(manifest.read_text()).get("data_options")))
-        for name, stored in others:
-            differences = option_differences(stored, self.data_options) if stored is not None else []
-            if differences:
-                msg = (f"--out {self.out_dir} was started with other data options ({name}): "
-                       f"{'; '.join(differences)}; rerun with the options it was started with, or write to a new --out")
-                raise KdaugError(msg)
+        self._compare(where.name, self._stored_options)
+
+    def _compare(self, source: str, stored: dict[str, Any] | None) -> None:
+        differences = option_differences(stored, self.data_options) if stored is not None else []
+        if differences:
+            msg = (f"--out {self.out_dir} was started with other data options ({source}): {'; '.join(differences)}; "
+                   "rerun with the options it was started with, or write to a new --out")
+            raise KdaugError(msg)
 
     # -- writing -----------------------------------------------------------------
     def write_batch(

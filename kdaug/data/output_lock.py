@@ -32,9 +32,11 @@ def _holder(fd: int) -> str:
 
 
 def _command() -> str:
-    argv = list(sys.argv) or ["python"]
+    argv = list(sys.argv) or [""]
     if argv[0].endswith("__main__.py"):  # python -m kdaug
         argv[0] = "kdaug"
+    elif argv[0] in ("", "-c", "-m"):
+        argv.insert(0, Path(sys.executable).name)
     else:
         argv[0] = Path(argv[0]).name
     return shlex.join(argv)[:300]
