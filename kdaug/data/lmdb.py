@@ -41,7 +41,7 @@ from torch_geometric.data import Batch, Data
 
 from kdaug.data.convert import data_to_frame, frame_to_data
 from kdaug.data.entries import decode_entry, entry_error
-from kdaug.data.lmdb_file import check_lmdb_file
+from kdaug.data.lmdb_file import check_lmdb_file, damaged
 from kdaug.data.output_lock import OutputLock
 from kdaug.errors import KdaugError, write_error
 from kdaug.types import Frame
@@ -150,10 +150,13 @@ class LmdbWriter:
         with self._env.begin() as txn:
             self._length = _read_value(txn, LENGTH_KEY, path, 0)
             self._stats = _read_value(txn, STATS_KEY, path, None) or _empty_stats()
-            raw_options = txn.get(OPTIONS_KEY)
-            self._stored_options = json.loads(raw_options) if raw_options else None
-            cursor = txn.cursor()
-            self._has_done = cursor.set_range(DONE_PREFIX) and cursor.key().startswith(DONE_PREFIX)
+            raw_options = _get(txn, OPTIONS_KEY, path)
+            try:
+                self._stored_options = json.loads(raw_options) if raw_options else None
+                cursor = txn.cursor()
+                self._has_done = cursor.set_range(DONE_PREFIX) and cursor.key().startswith(DONE_PREFIX)
+            except (ValueError, lmdb.Error) as err:
+                raise damaged(path, str(err)) from err
 
     def _check_siblings(self) -> None:
         """Refuse to join a directory whose other stems (shards) were made with other data options."""
@@ -232,7 +235,7 @@ class LmdbWriter:
         keys: set[str] = set()
         for index in range(self._file_index + 1):
             env = self._env if index == self._file_index else _open_readonly(self._path(index))
-            with env.begin() as txn:
+            with env.begin() as txn, _reading(self._path(index)):
                 cursor = txn.cursor()
                 if cursor.set_range(DONE_PREFIX):
                     for key, _ in cursor:
@@ -302,9 +305,23 @@ def option_differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]
             for name in sorted(set(stored) | set(now)) if stored.get(name, unset) != now.get(name, unset)]
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """LMDB's own corruption reports (MDB_CORRUPTED, MDB_PAGE_NOTFOUND) as one line naming the file."""
+    try:
+        yield
+    except lmdb.Error as err:
+        raise damaged(path, str(err)) from err
+
+
+def _get(txn: lmdb.Transaction, key: bytes, path: Path) -> bytes | None:
+    with _reading(path):
+        return txn.get(key)
+
+
 def _read_value(txn: lmdb.Transaction, key: bytes, path: Path, default: Any) -> Any:
     """The pickled value under a bookkeeping key (length: int, stats: dict), or `default` if absent."""
-    raw = txn.get(key)
+    raw = _get(txn, key, path)
     if raw is None:
         return default
     kind = int if key == LENGTH_KEY else dict
@@ -344,7 +361,7 @@ def lmdb_files(path: str | os.PathLike) -> list[Path]:
         env = _open_checked(file)
         with env.begin() as txn:
             if _stored_length(txn, env, file):
-                decode_entry(file, "0", txn.get(b"0"))
+                decode_entry(file, "0", _get(txn, b"0", file))
         env.close()
     return files
 
@@ -405,9 +422,10 @@ class FrameDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Data:
         file_index, key = self.locate(index)
+        file = self.files[file_index]
         with self._environments()[file_index].begin() as txn:
-            raw = txn.get(key.encode("ascii"))
-        return decode_entry(self.files[file_index], key, raw)
+            raw = _get(txn, key.encode("ascii"), file)
+        return decode_entry(file, key, raw)
 
     def fingerprint(self) -> str:
         """sha256 naming this data: per file, its name and length, and the structure and labels of its first

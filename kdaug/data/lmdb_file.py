@@ -37,7 +37,7 @@ class DamagedLmdb(KdaugError):
     """An LMDB file that cannot be read safely (truncated, or its pages are damaged)."""
 
 
-def _damaged(path: Path, detail: str) -> DamagedLmdb:
+def damaged(path: Path, detail: str) -> DamagedLmdb:
     return DamagedLmdb(f"{path}: truncated or damaged LMDB file ({detail}); restore it from a copy or regenerate it")
 
 
@@ -48,14 +48,14 @@ def _meta(path: Path, fd: int, offset: int) -> tuple[int, int, int, tuple[int, i
         if offset == 0:
             msg = f"{path}: not an LMDB file ({len(raw)} bytes; expected a frame LMDB written by kdaug or fairchem)"
             raise KdaugError(msg)
-        raise _damaged(path, f"meta page at byte {offset} is cut off")
+        raise damaged(path, f"meta page at byte {offset} is cut off")
     fields = _META.unpack_from(raw, _PAGE_HEADER.size)
     magic, version = fields[0], fields[1]
     if (magic, version) != (_MAGIC, _VERSION):
         if offset == 0:
             msg = f"{path}: not an LMDB file (expected a frame LMDB written by kdaug or fairchem)"
             raise KdaugError(msg)
-        raise _damaged(path, f"meta page at byte {offset} has no LMDB signature")
+        raise damaged(path, f"meta page at byte {offset} has no LMDB signature")
     free, main = fields[4:12], fields[12:20]
     page_size, last_page, txnid = free[0], fields[20], fields[21]
     return txnid, page_size, last_page, (free[7], free[2]), (main[7], main[2], main[1])
@@ -73,13 +73,13 @@ def check_lmdb_file(path: str | os.PathLike) -> None:
         first = _meta(path, fd, 0)
         page_size = first[1]
         if page_size < 512 or page_size > 65536 or page_size & (page_size - 1):
-            raise _damaged(path, f"page size {page_size} in its meta page")
+            raise damaged(path, f"page size {page_size} in its meta page")
         second = _meta(path, fd, page_size)
         txnid, _, last_page, free_db, main_db = second if second[0] > first[0] else first  # mdb_env_pick_meta
         if (last_page + 1) * page_size > size:
-            raise _damaged(path, f"{size} bytes, but its last page ends at byte {(last_page + 1) * page_size}")
+            raise damaged(path, f"{size} bytes, but its last page ends at byte {(last_page + 1) * page_size}")
         if main_db[2] != 0:
-            raise _damaged(path, f"main database flags {main_db[2]:#x}; expected a plain key-value database")
+            raise damaged(path, f"main database flags {main_db[2]:#x}; expected a plain key-value database")
         walker = _PageWalker(path, fd, page_size, last_page)
         for root, depth in (free_db, main_db[:2]):
             if root != _INVALID_PAGE:
@@ -96,32 +96,32 @@ class _PageWalker:
         while stack:
             pgno, level = stack.pop()
             if level > max(depth, 1) or pgno in self.seen:
-                raise _damaged(self.path, f"page {pgno} is referenced twice or the tree is deeper than recorded")
+                raise damaged(self.path, f"page {pgno} is referenced twice or the tree is deeper than recorded")
             self.seen.add(pgno)
             stack.extend((child, level + 1) for child in self._page(pgno))
 
     def _page(self, pgno: int) -> list[int]:
         """Check page `pgno`; return its children (branch) or [] (leaf)."""
         if not 2 <= pgno <= self.last_page:
-            raise _damaged(self.path, f"page number {pgno} outside pages 2..{self.last_page}")
+            raise damaged(self.path, f"page number {pgno} outside pages 2..{self.last_page}")
         page = os.pread(self.fd, self.page_size, pgno * self.page_size)
         stored, _, flags, lower, upper = _PAGE_HEADER.unpack_from(page)
         if stored != pgno or flags & (_BRANCH | _LEAF) not in (_BRANCH, _LEAF) or flags & ~0xC013:
-            raise _damaged(self.path, f"page {pgno} has a bad header")
+            raise damaged(self.path, f"page {pgno} has a bad header")
         if not _PAGE_HEADER.size <= lower <= upper <= self.page_size or (lower - _PAGE_HEADER.size) % 2:
-            raise _damaged(self.path, f"page {pgno} has bad bounds {lower}..{upper}")
+            raise damaged(self.path, f"page {pgno} has bad bounds {lower}..{upper}")
         n_nodes = (lower - _PAGE_HEADER.size) // 2
         offsets = struct.unpack_from(f"<{n_nodes}H", page, _PAGE_HEADER.size)
         children = []
         for offset in offsets:
             if not upper <= offset <= self.page_size - _NODE.size:
-                raise _damaged(self.path, f"page {pgno} has a node outside the page")
+                raise damaged(self.path, f"page {pgno} has a node outside the page")
             lo, hi, node_flags, key_size = _NODE.unpack_from(page, offset)
             end = offset + _NODE.size + key_size
             if flags & _BRANCH:
                 children.append(lo | hi << 16 | node_flags << 32)
             elif node_flags & ~_BIGDATA:
-                raise _damaged(self.path, f"page {pgno} has a node with flags {node_flags:#x} (sub-databases)")
+                raise damaged(self.path, f"page {pgno} has a node with flags {node_flags:#x} (sub-databases)")
             elif node_flags & _BIGDATA:
                 end += 8
                 if end <= self.page_size:
@@ -129,13 +129,13 @@ class _PageWalker:
             else:
                 end += lo | hi << 16
             if end > self.page_size:
-                raise _damaged(self.path, f"page {pgno} has a node running past the page")
+                raise damaged(self.path, f"page {pgno} has a node running past the page")
         if flags & _BRANCH and not children:
-            raise _damaged(self.path, f"branch page {pgno} is empty")
+            raise damaged(self.path, f"branch page {pgno} is empty")
         return children
 
     def _check_overflow(self, pgno: int, first: int, value_size: int) -> None:
         n_pages = (_PAGE_HEADER.size - 1 + value_size) // self.page_size + 1
         if first < 2 or first + n_pages - 1 > self.last_page:
-            raise _damaged(self.path, f"page {pgno} has a value on pages {first}..{first + n_pages - 1}, "
+            raise damaged(self.path, f"page {pgno} has a value on pages {first}..{first + n_pages - 1}, "
                                       f"outside pages 2..{self.last_page}")
