@@ -24,15 +24,21 @@ import numpy as np
 from ase import Atoms
 from tqdm import tqdm
 
-from kdaug.config import shard_from_environment
+from kdaug.config import check_values, option, shard_from_environment
 from kdaug.data.convert import fixed_mask
 from kdaug.data.lmdb import LmdbWriter
-from kdaug.errors import KdaugError
 from kdaug.models import AtomisticModel, load_teacher
 from kdaug.models.fairchem_v1 import sha256_of
 from kdaug.relax.optimizers import OPTIMIZERS
 from kdaug.relax.runner import BatchedRelaxer, RelaxResult, RelaxTask
-from kdaug.sampling.oc import DEFAULT_BULK_DB, PLACEMENT_MODES, SampledSystem, SamplerConfig, SystemSampler, iter_systems
+from kdaug.sampling.oc import (
+    DEFAULT_BULK_DB,
+    PLACEMENT_MODES,
+    SampledSystem,
+    SamplerConfig,
+    SystemSampler,
+    iter_systems,
+)
 from kdaug.types import Frame, Provenance
 
 logger = logging.getLogger(__name__)
@@ -45,48 +51,53 @@ EXPLODED_FORCE_EV_PER_ANG = 50.0
 
 @dataclass(frozen=True)
 class GenerateConfig:
-    """Options of `kdaug generate` (units: fmax eV/A)."""
+    """Options of `kdaug generate` (flags and recipe YAML keys; units in the fields' metadata)."""
 
     # Options that shape the data: a resume must keep them (with the teacher and bulk database hashes).
     DATA_KEYS: ClassVar[tuple[str, ...]] = ("seed", "teacher", "frame_fraction", "fmax", "optimizer", "max_steps",
                                             "adsorbate_ids", "placement", "max_miller")
 
-    n_systems: int
-    out: str
-    teacher: str = "chgnet"
-    checkpoint: str | None = None
-    device: str = "cpu"
-    seed: int = 0
-    bulk_db: str | None = None
-    adsorbate_ids: tuple[int, ...] | None = None
-    placement: str = "random_site_heuristic_placement"
-    max_miller: int = 2
-    optimizer: str = "lbfgs"
-    fmax: float = 0.05
-    max_steps: int = 200
-    frame_fraction: float = 0.1
-    max_systems_per_batch: int | None = None  # None: 1 on CPU (batching does not pay there), 32 on CUDA
-    max_atoms_per_batch: int | None = None
-    num_workers: int = 2
-    num_shards: int | None = None
-    shard_index: int | None = None
+    n_systems: int = option(help="number of systems in the whole dataset (all shards)")
+    out: str = option(help="output directory (resumed if it holds a previous run)")
+    teacher: str = option("chgnet", help="chgnet, emt, ase:module:Class, or a model config (e.g. gemnet-oc) "
+                                         "with --checkpoint")
+    checkpoint: str | None = option(None, help="teacher checkpoint (fairchem OC20 format)")
+    device: str = option("cpu", help="cpu or cuda")
+    seed: int = option(0, help="system i is drawn from a generator seeded by (seed, i)")
+    bulk_db: str | None = option(None, help="OC20-format bulks.pkl (default: the bulks shipped with kdaug)")
+    adsorbate_ids: tuple[int, ...] | None = option(
+        None, help="fairchem-data-oc adsorbate ids to draw from (default: all the teacher supports)")
+    placement: str = option("random_site_heuristic_placement",
+                            help=f"fairchem-data-oc placement mode: {', '.join(PLACEMENT_MODES)}")
+    max_miller: int = option(2, help="largest Miller index of sampled slabs")
+    optimizer: str = option("lbfgs", help=f"relaxation optimizer: {', '.join(OPTIMIZERS)}")
+    fmax: float = option(0.05, help="convergence threshold on free-atom forces", unit="eV/A")
+    max_steps: int = option(200, help="optimizer steps per system at most")
+    frame_fraction: float = option(0.1, help="probability of keeping each relaxation frame")
+    max_systems_per_batch: int | None = option(
+        None, help="systems per teacher forward at most (default: 1 on CPU, 32 on CUDA)")
+    max_atoms_per_batch: int | None = option(None, help="atoms per teacher forward at most (default: no limit)")
+    num_workers: int = option(2, help="sampling processes running ahead of the relaxer (0: in-process)")
+    num_shards: int | None = option(None, help="split system ids over this many shards "
+                                               "(default: torchrun/SLURM environment, else 1)")
+    shard_index: int | None = option(None, help="this process's shard")
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.n_systems >= 1, "--n-systems", "at least 1"),
-            (0 < self.frame_fraction <= 1, "--frame-fraction", "in (0, 1]"),
-            (self.optimizer in OPTIMIZERS, "--optimizer", f"one of {', '.join(OPTIMIZERS)}"),
-            (self.placement in PLACEMENT_MODES, "--placement", f"one of {', '.join(PLACEMENT_MODES)}"),
-            (self.fmax > 0, "--fmax", "positive"),
-            (self.max_steps >= 0, "--max-steps", "non-negative"),
-            (self.max_systems_per_batch is None or self.max_systems_per_batch >= 1, "--max-systems-per-batch",
+        check_values(self, [
+            (self.n_systems >= 1, "n_systems", "at least 1"),
+            (self.seed >= 0, "seed", "non-negative"),
+            (0 < self.frame_fraction <= 1, "frame_fraction", "in (0, 1]"),
+            (self.optimizer in OPTIMIZERS, "optimizer", f"one of {', '.join(OPTIMIZERS)}"),
+            (self.placement in PLACEMENT_MODES, "placement", f"one of {', '.join(PLACEMENT_MODES)}"),
+            (self.max_miller >= 1, "max_miller", "at least 1"),
+            (self.fmax > 0, "fmax", "positive (eV/A)"),
+            (self.max_steps >= 0, "max_steps", "non-negative"),
+            (self.max_systems_per_batch is None or self.max_systems_per_batch >= 1, "max_systems_per_batch",
              "at least 1"),
-            (self.num_workers >= 0, "--num-workers", "non-negative"),
-        ]
-        for ok, flag, expected in checks:
-            if not ok:
-                msg = f"{flag} {getattr(self, flag[2:].replace('-', '_'))}: expected {expected}"
-                raise KdaugError(msg)
+            (self.max_atoms_per_batch is None or self.max_atoms_per_batch >= 1, "max_atoms_per_batch",
+             "at least 1"),
+            (self.num_workers >= 0, "num_workers", "non-negative"),
+        ])
 
 
 @dataclass(frozen=True)

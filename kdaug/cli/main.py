@@ -20,6 +20,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("adversarial", "kdaug.cli.adversarial", "perturb frames towards teacher-student disagreement"),
     ("inspect", "kdaug.cli.inspect", "summarise a frame LMDB (file or directory of shards)"),
     ("export", "kdaug.cli.export", "write frames of an LMDB to extxyz"),
+    ("train", "kdaug.cli.train", "train a student on DFT + synthetic data, with or without knowledge distillation"),
+    ("evaluate", "kdaug.cli.evaluate", "energy/force MAE, force cosine, EFwT and speed of a model on LMDBs"),
+    ("teacher-cache", "kdaug.cli.teacher_cache", "store a teacher's KD targets for frame LMDBs (for kdaug train)"),
 )
 
 

@@ -20,7 +20,6 @@ class AseCalculatorModel(AtomisticModel):
     """Wraps a calculator factory; energies and raw forces (constraints not applied)."""
 
     differentiable = False
-    batched = False
 
     def __init__(self, factory: Callable[[], Calculator], name: str,
                  supported_elements: frozenset[int] | None = None) -> None:

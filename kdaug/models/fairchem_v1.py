@@ -69,7 +69,7 @@ def build_fairchem_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
 
 
 class FairchemModel(AtomisticModel):
-    """Adapter over a fairchem v1 model instance.
+    """Adapter over a fairchem v1 model instance (weights from fairchem or kdaug checkpoints).
 
     Args:
         module: the fairchem model (e.g. `fairchem.core.models.painn.PaiNN`).
@@ -77,6 +77,8 @@ class FairchemModel(AtomisticModel):
         model_kwargs: constructor arguments (saved with checkpoints).
         name: display name (e.g. "painn-small").
     """
+
+    weights_from_checkpoint = True
 
     def __init__(self, module: nn.Module, model_name: str, model_kwargs: dict[str, Any], name: str) -> None:
         super().__init__()
@@ -90,6 +92,8 @@ class FairchemModel(AtomisticModel):
         self._sites = sites
         self.implemented_taps = frozenset(sites)
         self.supported_elements = frozenset(range(1, _N_ELEMENTS[model_name] + 1))
+        self.conservative = not getattr(module, "direct_forces", False)
+        self.atom_energy_sums_to_energy = getattr(module, "extensive", True)  # GemNet-OC may average instead
 
     @contextlib.contextmanager
     def _recording(self, taps: tuple[str, ...]) -> Iterator[dict[str, Any]]:

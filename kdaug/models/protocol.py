@@ -50,14 +50,23 @@ class AtomisticModel(nn.Module, abc.ABC):
         supported_elements: atomic numbers the model may be asked about.
         differentiable: outputs are differentiable w.r.t. `batch.pos` (needed by
             the adversarial generator); False for label-only teachers.
+        conservative: forces are -dE/dpos (False for direct-force heads).
+        atom_energy_sums_to_energy: the atom_energy tap sums to the energy per system.
+        weights_from_checkpoint: trained weights come from a checkpoint file (GNNs);
+            False for models with built-in weights or none. A teacher of this kind
+            needs a checkpoint, and only such a model takes one.
         checkpoint_sha256: sha256 of the loaded checkpoint file, None if none.
+
+    `kdaug.models.contract.validate_model` checks these promises on a small batch.
     """
 
     name: str = "model"
     implemented_taps: frozenset[str] = frozenset()
     supported_elements: frozenset[int] = frozenset(range(1, 119))
     differentiable: bool = True
-    batched: bool = True
+    conservative: bool = True
+    atom_energy_sums_to_energy: bool = True
+    weights_from_checkpoint: bool = False
 
     def __init__(self) -> None:
         super().__init__()

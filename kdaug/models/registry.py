@@ -16,8 +16,9 @@ import yaml
 
 from kdaug.errors import KdaugError
 from kdaug.models.protocol import AtomisticModel
+from kdaug.resources import resource_path
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+CONFIG_DIR = resource_path("models")
 
 
 def available_configs() -> list[str]:
@@ -58,10 +59,11 @@ def load_model(
 
     try:
         kind = torch.device(device).type
-    except RuntimeError as err:
-        raise KdaugError(f"--device {device}: unknown device; expected cpu, cuda or cuda:N") from err
+    except RuntimeError:
+        kind = None
     if kind not in ("cpu", "cuda"):
-        raise KdaugError(f"--device {device}: expected cpu, cuda or cuda:N")
+        msg = f"--device {device}: expected cpu, cuda or cuda:N"
+        raise KdaugError(msg)
     if kind == "cuda" and not torch.cuda.is_available():
         msg = f"--device {device}: no CUDA device is available here (use --device cpu)"
         raise KdaugError(msg)
@@ -85,7 +87,7 @@ def load_model(
         model = FairchemModel(build_fairchem_model(model_name, kwargs), model_name, kwargs, display)
         if checkpoint is not None:
             model.load_checkpoint(checkpoint)
-    if checkpoint is not None and not hasattr(model, "load_checkpoint"):
+    if checkpoint is not None and not model.weights_from_checkpoint:
         msg = f"--checkpoint {checkpoint}: model {model.name} takes no checkpoint"
         raise KdaugError(msg)
     return model.to(device).eval()
@@ -101,7 +103,7 @@ def load_teacher(
     from kdaug.models.fairchem_v1 import OC20_CHECKPOINTS_HINT
 
     model = load_model(name_or_config, checkpoint, device=device)
-    if model.checkpoint_sha256 is None and hasattr(model, "load_checkpoint"):
+    if model.checkpoint_sha256 is None and model.weights_from_checkpoint:
         msg = f"teacher {model.name} needs pretrained weights (--checkpoint). {OC20_CHECKPOINTS_HINT}"
         raise KdaugError(msg)
     for param in model.parameters():

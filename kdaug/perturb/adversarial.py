@@ -15,14 +15,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch_geometric.data import Batch
 from tqdm import tqdm
 
+from kdaug.config import check_values, option
 from kdaug.data.batch import batch_from_frames, make_batch
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
 from kdaug.errors import KdaugError
@@ -46,30 +47,33 @@ STEP_RULES = ("gradient", "normalized")
 
 @dataclass(frozen=True)
 class AttackParams:
-    """How to climb: step size alpha (A per unit gradient for "gradient", A for "normalized")."""
+    """How to climb the teacher-student disagreement (paper, Appendix D.1)."""
 
-    steps: int = 5
-    alpha: float = 0.01
-    step_rule: str = "gradient"
-    orthogonal_to_force: bool = False
-    random_start: float = 0.0
-    max_displacement: float = 0.2
-    kT: float | None = None
-    energy_weight: float = 1.0
-    force_weight: float = 100.0
+    steps: int = option(5, help="gradient-ascent steps")
+    alpha: float = option(0.01, help="step size: Angstrom per unit gradient (gradient rule) or Angstrom per atom "
+                                     "(normalized rule)")
+    step_rule: str = option("gradient", help="gradient (alpha * g) or normalized (per-atom step of length alpha "
+                                             "along g)")
+    orthogonal_to_force: bool = option(False, help="remove the component of the step along the teacher force")
+    random_start: float = option(0.0, help="standard deviation of a random initial displacement "
+                                           "(0: start at delta = 0)", unit="Angstrom")
+    max_displacement: float = option(0.2, help="clip each atom's total displacement to this norm", unit="Angstrom")
+    kT: float | None = option(None, help="weight the objective by exp(-(E_t(X+delta) - E_t(X)) / kT) "
+                                         "(unset: no weighting)", unit="eV")
+    energy_weight: float = option(1.0, help="alpha_E of L0", unit="1/eV")
+    force_weight: float = option(100.0, help="alpha_F of L0", unit="A/eV")
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.steps >= 0, "--steps", "non-negative"),
-            (self.alpha > 0, "--alpha", "positive"),
-            (self.max_displacement > 0, "--max-displacement", "positive (Angstrom)"),
-            (self.random_start >= 0, "--random-start", "non-negative (Angstrom)"),
-            (self.kT is None or self.kT > 0, "--kT", "positive (eV)"),
-            (self.step_rule in STEP_RULES, "--step-rule", f"one of {', '.join(STEP_RULES)}"),
-        ]
-        for ok, flag, expected in checks:
-            if not ok:
-                raise KdaugError(f"{flag} {getattr(self, flag[2:].replace('-', '_'))}: expected {expected}")
+        check_values(self, [
+            (self.steps >= 0, "steps", "non-negative"),
+            (self.alpha > 0, "alpha", "positive"),
+            (self.max_displacement > 0, "max_displacement", "positive (Angstrom)"),
+            (self.random_start >= 0, "random_start", "non-negative (Angstrom)"),
+            (self.kT is None or self.kT > 0, "kT", "positive (eV)"),
+            (self.step_rule in STEP_RULES, "step_rule", f"one of {', '.join(STEP_RULES)}"),
+            (self.energy_weight >= 0, "energy_weight", "non-negative"),
+            (self.force_weight >= 0, "force_weight", "non-negative"),
+        ])
 
 
 def check_attack(student: AtomisticModel, teacher: AtomisticModel, params: AttackParams) -> None:
@@ -138,13 +142,22 @@ def adversarial_perturb(batch: Batch, student: AtomisticModel, teacher: Atomisti
 @dataclass(frozen=True, kw_only=True)
 class AdversarialConfig(AttackParams, PerturbOptions):
     """Options of `kdaug adversarial`: the attack's parameters, the shared perturbation options,
-    the student and the near-duplicate filter (distances in Angstrom, kT in eV)."""
+    the student and the near-duplicate filter."""
 
-    student: str
-    min_rmsd: float = 0.005
-    batch_size: int = 4
-    DATA_KEYS: ClassVar[tuple[str, ...]] = (*PerturbOptions.DATA_KEYS, *(f.name for f in dataclasses.fields(AttackParams)),
-                                            "min_rmsd")
+    # Options that shape the output, besides the teacher and student hashes and the input fingerprint.
+    DATA_KEYS: ClassVar[tuple[str, ...]] = (
+        *PerturbOptions.DATA_KEYS, *(f.name for f in dataclasses.fields(AttackParams)), "min_rmsd")
+
+    student: str = option(help="student checkpoint (saved by kdaug or fairchem; its config is read from it)")
+    teacher: str = option("chgnet", help="chgnet or a model config with --checkpoint (must be differentiable)")
+    min_rmsd: float = option(0.005, help="drop frames within this RMSD of their parent (free atoms)",
+                             unit="Angstrom")
+    batch_size: int = option(4, help="frames per forward")
+
+    def __post_init__(self) -> None:
+        AttackParams.__post_init__(self)
+        PerturbOptions.__post_init__(self)
+        check_values(self, [(self.min_rmsd >= 0, "min_rmsd", "non-negative (Angstrom)")])
 
     def params(self) -> AttackParams:
         return AttackParams(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AttackParams)})

@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -14,6 +14,7 @@ from ase import Atoms
 from ase.data import covalent_radii
 from ase.neighborlist import neighbor_list
 
+from kdaug.config import check_values, option
 from kdaug.data.batch import batch_from_frames
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
 from kdaug.errors import KdaugError, UnsupportedElement
@@ -28,15 +29,24 @@ class PerturbOptions:
     # Options that shape the output: a resume must keep them (with the teacher hash and input fingerprint).
     DATA_KEYS: ClassVar[tuple[str, ...]] = ("teacher", "min_distance_factor", "fraction", "seed")
 
-    input: str
-    out: str
-    teacher: str = "chgnet"
-    checkpoint: str | None = None
-    device: str = "cpu"
-    min_distance_factor: float = 0.5
-    fraction: float = 1.0
-    seed: int = 0
-    batch_size: int = 8
+    input: str = option(help="frame LMDB (file or directory of shards): OC20 S2EF, d1M or kdaug output")
+    out: str = option(help="output directory (resumed if it holds a previous run)")
+    teacher: str = option("chgnet", help="chgnet, emt, ase:module:Class, or a model config with --checkpoint")
+    checkpoint: str | None = option(None, help="teacher checkpoint")
+    device: str = option("cpu", help="cpu or cuda")
+    min_distance_factor: float = option(
+        0.5, help="reject frames with two atoms closer than this x their covalent-radius sum")
+    fraction: float = option(1.0, help="fraction of the input frames to use")
+    seed: int = option(0, help="random seed")
+    batch_size: int = option(8, help="frames per forward")
+
+    def __post_init__(self) -> None:
+        check_values(self, [
+            (self.min_distance_factor >= 0, "min_distance_factor", "non-negative"),
+            (0 < self.fraction <= 1, "fraction", "a value in (0, 1]"),
+            (self.seed >= 0, "seed", "non-negative"),
+            (self.batch_size >= 1, "batch_size", "at least 1"),
+        ])
 
 
 def check_output_not_input(input_path: str, out: str) -> None:

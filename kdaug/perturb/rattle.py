@@ -15,8 +15,8 @@ from typing import ClassVar
 import numpy as np
 from tqdm import tqdm
 
+from kdaug.config import check_values, option
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
-from kdaug.errors import KdaugError
 from kdaug.models import load_teacher
 from kdaug.perturb.common import (
     PerturbOptions,
@@ -35,17 +35,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True, kw_only=True)
 class RattleConfig(PerturbOptions):
-    """Options of `kdaug rattle` (sigma and distances in Angstrom)."""
+    """Options of `kdaug rattle`."""
 
-    sigma: float = 0.05
-    copies: int = 1
-    DATA_KEYS: ClassVar[tuple[str, ...]] = (*PerturbOptions.DATA_KEYS, "sigma", "copies")
+    DATA_KEYS: ClassVar[tuple[str, ...]] = (*PerturbOptions.DATA_KEYS, "sigma", "copies")  # shape the output
+
+    sigma: float = option(0.05, help="standard deviation of the noise on each coordinate of free atoms",
+                          unit="Angstrom")
+    copies: int = option(1, help="perturbed copies per input frame")
 
     def __post_init__(self) -> None:
-        if self.sigma <= 0:
-            raise KdaugError(f"--sigma {self.sigma}: expected a positive standard deviation in Angstrom")
-        if self.copies < 1:
-            raise KdaugError(f"--copies {self.copies}: expected at least 1")
+        super().__post_init__()
+        check_values(self, [(self.sigma > 0, "sigma", "a positive standard deviation in Angstrom"),
+                            (self.copies >= 1, "copies", "at least 1")])
 
 
 def rattle_positions(positions: np.ndarray, fixed: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:

@@ -23,8 +23,9 @@ from ase import Atoms
 from ase.data import chemical_symbols
 
 from kdaug.errors import KdaugError
+from kdaug.resources import resource_path
 
-DEFAULT_BULK_DB = Path(__file__).resolve().parents[2] / "data" / "bulks.pkl"
+DEFAULT_BULK_DB = resource_path("bulks.pkl")
 PLACEMENT_MODES = ("random_site_heuristic_placement", "heuristic", "random")
 
 

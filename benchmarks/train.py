@@ -1,0 +1,69 @@
+"""Cost of a KD training step, live teacher and teacher cache, as a ratio to the plain student step.
+
+    python -m benchmarks.train [--teacher painn-big] [--student painn-small] [--batch 16] [--device cuda]
+        [--modes vanilla1 vanilla2 n2n v2v] [--seconds 5]
+
+Both models have random weights (cost does not depend on them). Every step is
+`Trainer.train_step` of `kdaug train` on the same batch of 82-atom slabs: forward and
+backward of the student, the KD loss and its maps, AdamW, clipping and EMA. "live" runs the
+teacher forward in the step; "cached" reads its targets from a `kdaug teacher-cache` store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import oc20_sized_frame, rate
+from kdaug.data.lmdb import LmdbWriter
+from kdaug.models import load_model
+from kdaug.train.config import TrainConfig
+from kdaug.train.data import collate
+from kdaug.train.loop import Trainer
+from kdaug.train.teacher_cache import build_teacher_cache
+
+
+def step_rate(config: TrainConfig, seconds: float) -> float:
+    """Training samples per second of `Trainer.train_step` on the run's first batch."""
+    trainer = Trainer(config, progress=False)
+    batch = collate([trainer.data[i] for i in range(config.batch_size)])
+    return rate(lambda: trainer.train_step(batch), config.batch_size, min_seconds=seconds, device=config.device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="painn-big")
+    parser.add_argument("--student", default="painn-small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--modes", nargs="+", default=["vanilla1", "vanilla2", "n2n", "e2n", "v2v"])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    work = Path(tempfile.mkdtemp(prefix="kdaug-bench-train-"))
+    with LmdbWriter(work / "data") as writer:
+        writer.write_batch([oc20_sized_frame(seed=i) for i in range(args.batch)])
+    teacher = load_model(args.teacher)
+    teacher.save(work / "teacher.pt")
+    modes = [m for m in args.modes if m not in ("e2n", "v2v") or "edge" in teacher.implemented_taps]
+    base = {"student": args.student, "train": (str(work / "data"),), "batch_size": args.batch, "max_steps": 1,
+            "device": args.device, "kd_lambda": 1.0}
+    plain = step_rate(TrainConfig(**base, out=str(work / "plain")), args.seconds)
+    print(f"student {args.student}, teacher {args.teacher}, {args.device}, batch {args.batch} (82-atom slabs)")
+    print(f"{'mode':10} {'live':>22} {'cached':>22}")
+    print(f"{'none':10} {plain:12.2f} samples/s {'':>22}")
+    for mode in modes:
+        teacher_options = {"teacher": args.teacher, "teacher_checkpoint": str(work / "teacher.pt"), "kd": mode}
+        live = step_rate(TrainConfig(**base, **teacher_options, out=str(work / f"live-{mode}")), args.seconds)
+        cache = work / f"cache-{mode}"
+        build_teacher_cache(teacher.to(args.device), [work / "data"], mode, cache, progress=False)
+        cached = step_rate(TrainConfig(**base, **teacher_options, teacher_cache=str(cache),
+                                       out=str(work / f"cached-{mode}")), args.seconds)
+        print(f"{mode:10} {plain / live:8.2f}x step ({live:7.2f}/s) {plain / cached:8.2f}x step ({cached:7.2f}/s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""The files of a training run: the resumable `checkpoint.pt` and the exported `student.pt`.
+
+`checkpoint.pt` holds everything a resumed run needs to continue on the same data order and
+loss curve (student, KD maps, optimizer, scheduler, EMA, step, epoch, batch within the epoch,
+the resolved config). `student.pt` is a fairchem v1 checkpoint of the student alone, with the
+EMA weights, that fairchem's `OCPCalculator(checkpoint_path=...)` loads; the KD maps are dropped.
+Both are written to a temporary file and renamed, so a kill never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kdaug.models.fairchem_v1 import FairchemModel
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to `path` through a temporary file in the same directory and an atomic rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def fairchem_config(student: FairchemModel, *, batch_size: int, seed: int) -> dict[str, Any]:
+    """A fairchem v1 (OCP 2.x layout) config that its `OCPCalculator` and trainers accept."""
+    return {
+        "trainer": "ocp",
+        "model": {"name": student.model_name, **student.model_kwargs},
+        "kdaug_name": student.name,
+        "outputs": {
+            "energy": {"level": "system"},
+            "forces": {"level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True},
+        },
+        "loss_functions": [{"energy": {"fn": "mae", "coefficient": 1}},
+                           {"forces": {"fn": "l2mae", "coefficient": 100}}],
+        "evaluation_metrics": {"metrics": {"energy": ["mae"], "forces": ["mae", "cosine_similarity"]}},
+        "optim": {"batch_size": batch_size, "eval_batch_size": batch_size},
+        "dataset": {"format": "lmdb", "src": ""},
+        "task": {},
+        "cmd": {"seed": seed},
+    }
+
+
+def export_student(student: FairchemModel, path: Path, *, batch_size: int, seed: int) -> None:
+    """Write the student's current weights as a fairchem v1 checkpoint (no normalizers: raw eV targets)."""
+    state = {f"module.{key}": value.detach().cpu() for key, value in student.module.state_dict().items()}
+    checkpoint = {"state_dict": state, "config": fairchem_config(student, batch_size=batch_size, seed=seed),
+                  "normalizers": {}, "amp": None}
+    atomic_save(checkpoint, path)

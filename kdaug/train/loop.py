@@ -1,0 +1,344 @@
+"""`run_train`: train a student on DFT + synthetic data, with or without knowledge distillation.
+
+Per step: a batch drawn by `MixedBatchSampler` (alpha_target of synthetic samples per epoch),
+optionally a share of it replaced by online-perturbed, teacher-labelled copies, per-system weights
+from r_s/dft, then L = L0 + lambda L_KD on the student, AdamW, gradient clipping, LR schedule and EMA.
+
+Run directory (`--out`)::
+
+    out/
+      config.json        resolved options of the run (a resume must agree on the data-shaping ones)
+      checkpoint.pt      resumable state, rewritten every --checkpoint-every steps and at the end
+      student.pt         the exported student (EMA weights), a fairchem v1 checkpoint
+      log.jsonl          one line per --log-every steps ({"step", "loss", ...}) and per validation
+      curves.png         learning curves, written at the end
+      visits.rankR.npy   how often rank R drew each training sample (DFT first, then synthetic)
+
+Under torchrun every rank trains on its own disjoint part of each epoch and gradients are
+averaged across ranks; rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kdaug.errors import KdaugError
+from kdaug.evaluate import evaluate
+from kdaug.models import load_model, load_teacher
+from kdaug.models.fairchem_v1 import FairchemModel
+from kdaug.train import kd
+from kdaug.train.checkpoint import atomic_save, export_student
+from kdaug.train.config import RESUMABLE_CHANGES, TrainConfig
+from kdaug.train.data import TrainingSet, collate
+from kdaug.train.distributed import Distributed
+from kdaug.train.losses import LossWeights, energy_force_loss
+from kdaug.train.mixing import MixedBatchSampler, batch_weights
+from kdaug.train.online import OnlineAugmenter
+from kdaug.train.report import plot_curves
+from kdaug.train.schedule import build_scheduler
+from kdaug.train.teacher_cache import TeacherCache
+
+logger = logging.getLogger(__name__)
+
+
+def load_student(config: TrainConfig, device: torch.device) -> FairchemModel:
+    student = load_model(config.student, config.student_checkpoint, device=device)
+    if not isinstance(student, FairchemModel):
+        raise KdaugError(f"--student {config.student}: expected a trainable fairchem GNN config "
+                         "(painn-small, painn-big, schnet, ... or a YAML)")
+    return student.train()
+
+
+class Trainer:
+    """One training run (see the module docstring); `run()` trains to the end and returns the summary."""
+
+    def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self.out = Path(config.out)
+        self.dist = Distributed.from_environment(config.device)
+        self.device = self.dist.device
+        self.data = TrainingSet(config.train, config.synthetic)
+        self.sampler = MixedBatchSampler(self.data.n_dft, self.data.n_synthetic, config.batch_size,
+                                         mix_ratio=config.mix_ratio, seed=config.seed, rank=self.dist.rank,
+                                         world_size=self.dist.world_size)
+        if len(self.sampler) == 0:
+            raise KdaugError(f"--batch-size {config.batch_size}: an epoch of {len(self.data)} samples over "
+                             f"{self.dist.world_size} rank(s) gives no batch")
+        self.total_steps = config.max_steps or config.epochs * len(self.sampler)
+        torch.manual_seed(config.seed)
+        self.student = load_student(config, self.device)
+        self.teacher, self.cache = self._teacher_source()
+        self.head = self._kd_head()
+        self.kd_lambda = self._kd_lambda()
+        self.loss_weights = LossWeights(config.energy_coefficient, config.force_coefficient)
+        self.online = OnlineAugmenter.from_config(config, self.student, self.teacher)
+        self.parameters = [*self.student.parameters(), *self.head.parameters()]
+        self.dist.broadcast(self.parameters)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay,
+                                           amsgrad=config.amsgrad)
+        self.scheduler = build_scheduler(self.optimizer, total_steps=self.total_steps,
+                                         warmup_steps=config.warmup_steps, warmup_factor=config.warmup_factor,
+                                         schedule=config.schedule, milestones=config.lr_milestones,
+                                         gamma=config.lr_gamma)
+        self.ema = _ema(self.student, config.ema_decay)
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.visits = np.zeros(len(self.data), dtype=np.int32)
+        self._resume_or_start()
+
+    # -- setup --------------------------------------------------------------------------
+    def _teacher_source(self) -> tuple[torch.nn.Module | None, TeacherCache | None]:
+        config = self.config
+        if config.needs_teacher and config.teacher is None:
+            raise KdaugError(f"--kd {config.kd} / online augmentation: needs --teacher (and --teacher-checkpoint "
+                             "for a GNN teacher)")
+        if config.teacher_cache and config.online:
+            raise KdaugError("--teacher-cache: online-perturbed samples need a live teacher; drop --teacher-cache")
+        if config.kd not in kd.KD_MODES:
+            raise KdaugError(f"--kd {config.kd}: expected one of {', '.join(kd.KD_MODES)}")
+        if not config.needs_teacher:
+            return None, None
+        teacher = load_teacher(config.teacher, config.teacher_checkpoint, device=self.device)
+        kd.check_kd_pair(config.kd, self.student, teacher)
+        cache = None
+        if config.teacher_cache:
+            cache = TeacherCache.open(config.teacher_cache, self.data.fingerprints(), teacher.checkpoint_sha256,
+                                      config.kd)
+        return teacher, cache
+
+    def _kd_head(self) -> torch.nn.Module:
+        if self.config.kd == "none":
+            return torch.nn.Module()
+        sample = collate([self.data[i] for i in range(min(2, len(self.data)))]).to(self.device)
+        return kd.build_kd_head(self.config.kd, self.student, self.cache or self.teacher, sample)
+
+    def _kd_lambda(self) -> float:
+        config = self.config
+        if config.kd == "none":
+            return 0.0
+        if config.kd_lambda is not None:
+            return config.kd_lambda
+        value = kd.default_kd_lambda(self.teacher.name, self.student.name, config.kd)
+        if value is None:
+            raise KdaugError(f"--kd-lambda: the paper's Table 7 has no weight for teacher {self.teacher.name} -> "
+                             f"student {self.student.name} with {config.kd}; pass --kd-lambda")
+        return value
+
+    def _resume_or_start(self) -> None:
+        options = _jsonable(self.config)
+        saved_config = self.out / "config.json"
+        if saved_config.is_file():
+            before = json.loads(saved_config.read_text())
+            changed = sorted(k for k in set(before) | set(options)
+                             if k not in RESUMABLE_CHANGES and before.get(k) != options.get(k))
+            if changed:
+                raise KdaugError(f"--out {self.out}: holds a run started with other options "
+                                 f"({', '.join(changed)}); use another --out or the same options")
+        checkpoint = self.out / "checkpoint.pt"
+        if checkpoint.is_file():
+            self._load(torch.load(checkpoint, map_location=self.device, weights_only=False))
+            logger.info("resuming %s at step %d", self.out, self.step)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            saved_config.write_text(json.dumps(options, indent=1))
+            _truncate_log(self.out / "log.jsonl", self.step)
+
+    def _state(self) -> dict:
+        return {"student": self.student.state_dict(), "head": self.head.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema else None, "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "config": _jsonable(self.config)}
+
+    def _load(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        visits = self.out / f"visits.rank{self.dist.rank}.npy"
+        if visits.is_file():
+            self.visits = np.load(visits)
+
+    # -- one step -----------------------------------------------------------------------
+    def _targets(self, batch) -> kd.TeacherTargets | None:
+        if self.cache is not None:
+            return self.cache.targets(batch)
+        return kd.live_teacher_targets(self.config.kd, self.teacher, batch)
+
+    def train_step(self, batch) -> dict[str, float]:
+        """One optimizer step on `batch`; returns the scalars to log."""
+        batch = batch.to(self.device)
+        targets = None
+        if self.online is not None:
+            targets = self.online.augment(batch, step=self.step, seed=self.config.seed)
+        elif self.config.kd != "none":
+            targets = self._targets(batch)
+        weights = batch_weights(batch.synthetic, self.config.rs_dft)
+        _, student_taps = kd.required_taps(self.config.kd)
+        output = self.student(batch, taps=student_taps)
+        free = ~batch.fixed.bool()
+        l0, parts = energy_force_loss(output.energy, output.forces, batch.y.to(output.energy.dtype),
+                                      batch.force.to(output.forces.dtype), batch.batch, free, weights,
+                                      self.loss_weights)
+        loss = l0
+        kd_value = torch.zeros(())
+        if self.config.kd != "none":
+            kd_value = kd.kd_loss(self.config.kd, self.head, output, targets, batch, weights,
+                                  loss=self.config.kd_loss, l0_weights=self.loss_weights)
+            loss = l0 + self.kd_lambda * kd_value
+        self.optimizer.zero_grad(set_to_none=False)
+        loss.backward()
+        self.dist.average_gradients(self.parameters)
+        if self.config.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update()
+        return {"loss": float(loss), "l0": float(l0), "energy": float(parts["energy"]),
+                "forces": float(parts["forces"]), "kd": float(kd_value),
+                "synthetic_share": float(batch.synthetic.float().mean())}
+
+    # -- the run ------------------------------------------------------------------------
+    def run(self) -> dict:
+        config = self.config
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit=" steps",
+                   disable=not (self.progress and self.dist.is_main))
+        while self.step < self.total_steps:
+            batches = self.sampler.epoch_batches(self.epoch)[self.batch_in_epoch:]
+            loader = torch.utils.data.DataLoader(self.data, batch_sampler=batches, collate_fn=collate,
+                                                 num_workers=config.num_workers)
+            started, samples = time.perf_counter(), 0
+            for indices, batch in zip(batches, loader):
+                scalars = self.train_step(batch)
+                np.add.at(self.visits, indices, 1)
+                self.step += 1
+                self.batch_in_epoch += 1
+                samples += len(indices) * self.dist.world_size
+                speed = samples / (time.perf_counter() - started)
+                bar.update(1)
+                bar.set_postfix(loss=f"{scalars['loss']:.4g}", samples_s=f"{speed:.1f}")
+                if self.step % config.log_every == 0:
+                    self._log({"step": self.step, "epoch": self.epoch, "lr": self.scheduler.get_last_lr()[0],
+                               **scalars, "samples_per_s": speed})
+                if config.val_every and self.step % config.val_every == 0:
+                    self.validate()
+                if self.step % config.checkpoint_every == 0:
+                    self.save()
+                if self.step >= self.total_steps:
+                    break
+            else:
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                if not config.val_every:
+                    self.validate()
+        bar.close()
+        self.save()
+        return self.finish()
+
+    def validate(self) -> dict | None:
+        """Metrics of the EMA weights on --val (rank 0; logged), None without --val."""
+        if not self.config.val or not self.dist.is_main:
+            return None
+        with self.ema_weights():
+            metrics = evaluate(self.student, self.config.val, batch_size=self.config.eval_batch_size,
+                               device=self.device)
+        self._log({"step": self.step, "epoch": self.epoch, "val": metrics})
+        return metrics
+
+    def save(self) -> None:
+        if self.dist.is_main:
+            atomic_save(self._state(), self.out / "checkpoint.pt")
+        np.save(self.out / f"visits.rank{self.dist.rank}.npy", self.visits)
+        self.dist.barrier()
+
+    def finish(self) -> dict:
+        """Export the EMA student, validate, plot; the summary of the run."""
+        summary = {"steps": self.step, "epochs": self.epoch, "out": str(self.out)}
+        if self.dist.is_main:
+            with self.ema_weights():
+                export_student(self.student, self.out / "student.pt", batch_size=self.config.batch_size,
+                               seed=self.config.seed)
+            metrics = self.validate()
+            if metrics is not None:
+                summary["val"] = metrics
+            plot_curves(self.out / "log.jsonl", self.out / "curves.png")
+        self.dist.barrier()
+        return summary
+
+    def close(self) -> None:
+        """Release the data files (the teacher cache opens its files per read) and the process group."""
+        self.data.close()
+        self.dist.close()
+
+    def ema_weights(self):
+        return _EmaWeights(self.ema, self.student)
+
+    def _log(self, record: dict) -> None:
+        if self.dist.is_main:
+            with open(self.out / "log.jsonl", "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+
+class _EmaWeights:
+    """Context: the student holds its EMA weights inside, its training weights again after."""
+
+    def __init__(self, ema, student) -> None:
+        self.ema, self.student = ema, student
+
+    def __enter__(self) -> None:
+        if self.ema is not None:
+            self.ema.store()
+            self.ema.copy_to()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ema is not None:
+            self.ema.restore()
+
+
+def _ema(student: torch.nn.Module, decay: float):
+    if decay == 0:
+        return None
+    from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
+
+    return ExponentialMovingAverage(student.parameters(), decay)
+
+
+def _jsonable(config: TrainConfig) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past `step` (a killed run logged steps its checkpoint does not hold)."""
+    if not path.is_file():
+        return
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                lines.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # the half-written last line of a killed run
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def run_train(config: TrainConfig, *, progress: bool = True) -> dict:
+    """Train (or resume) the run `config.out`; returns {"steps", "epochs", "out", "val"?}."""
+    trainer = Trainer(config, progress=progress)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

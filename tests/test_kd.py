@@ -1,0 +1,190 @@
+"""KD losses and targets (kdaug.train.kd) with tiny random-weight models on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.spatial.transform import Rotation
+
+from kdaug.data.batch import batch_from_frames
+from kdaug.errors import KdaugError
+from kdaug.models import EdgeFeatures, ModelOutput, load_model
+from kdaug.train.kd import (
+    KD_MODES,
+    KDHead,
+    build_kd_head,
+    check_kd_pair,
+    default_kd_lambda,
+    edge_to_node,
+    edge_to_vector,
+    kd_loss,
+    live_teacher_targets,
+    required_taps,
+    teacher_targets,
+)
+from tests.conftest import emt_frames
+
+# (mode, teacher, student): GemNet-OC's edge taps feed PaiNN; PaiNN teaches SchNet node features and outputs.
+TRAINING_PAIRS = [
+    ("vanilla1", "painn-tiny", "schnet-tiny"),
+    ("vanilla2", "painn-tiny", "schnet-tiny"),
+    ("n2n", "painn-tiny", "schnet-tiny"),
+    ("e2n", "gemnet-oc-tiny", "painn-tiny"),
+    ("v2v", "gemnet-oc-tiny", "painn-tiny"),
+]
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return {name: load_model(name) for name in ("painn-tiny", "schnet-tiny", "gemnet-oc-tiny")}
+
+
+@pytest.fixture(scope="module")
+def two_frames():
+    return emt_frames(2)
+
+
+@pytest.mark.parametrize(("mode", "teacher_name", "student_name"), TRAINING_PAIRS)
+def test_each_mode_trains_a_student_and_its_kd_loss_falls(models, two_frames, mode, teacher_name, student_name):
+    torch.manual_seed(1)
+    teacher = models[teacher_name]
+    student = load_model(student_name)  # fresh weights: this test trains it
+    check_kd_pair(mode, student, teacher)
+    batch = batch_from_frames(two_frames)
+    targets = live_teacher_targets(mode, teacher, batch)
+    head = build_kd_head(mode, student, teacher, batch)
+    optimizer = torch.optim.AdamW([*student.parameters(), *head.parameters()], lr=3e-3)
+    weights = torch.tensor([1.0, 0.5])
+    losses = []
+    for _ in range(6):
+        optimizer.zero_grad()
+        output = student(batch, taps=required_taps(mode)[1])
+        loss = kd_loss(mode, head, output, targets, batch, weights)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_head_shapes_and_the_vector_map_has_no_bias(models, two_frames):
+    batch = batch_from_frames(two_frames)
+    n2n = build_kd_head("n2n", models["painn-tiny"], models["gemnet-oc-tiny"], batch)
+    v2v = build_kd_head("v2v", models["painn-tiny"], models["gemnet-oc-tiny"], batch)
+    assert n2n.projection.bias is not None and v2v.projection.bias is None
+    assert KDHead("vanilla2").projection is None and list(KDHead("vanilla1").parameters()) == []
+
+
+def rotated(frames, seed):
+    rotation = Rotation.random(random_state=seed).as_matrix()
+    moved = [f.replace(positions=f.positions @ rotation.T, cell=f.cell @ rotation.T) for f in frames]
+    return moved, torch.tensor(rotation, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_v2v_teacher_vectors_rotate_with_the_input(models, two_frames, seed):
+    teacher = models["gemnet-oc-tiny"]
+    base = live_teacher_targets("v2v", teacher, batch_from_frames(two_frames)).features
+    moved_frames, rotation = rotated(two_frames, seed)
+    moved = live_teacher_targets("v2v", teacher, batch_from_frames(moved_frames)).features
+    assert base.shape[1] == 3 and base.abs().max() > 1e-3
+    torch.testing.assert_close(moved, torch.einsum("ij,njd->nid", rotation, base), atol=2e-4, rtol=1e-3)
+    e2n = live_teacher_targets("e2n", teacher, batch_from_frames(two_frames)).features
+    e2n_moved = live_teacher_targets("e2n", teacher, batch_from_frames(moved_frames)).features
+    torch.testing.assert_close(e2n_moved, e2n, atol=2e-4, rtol=1e-3)
+
+
+def small_graph():
+    """4 atoms, 6 directed edges (source, target) with 5 channels, vectors from source to target."""
+    torch.manual_seed(2)
+    pos = torch.tensor([[0.0, 0, 0], [1.5, 0, 0], [0, 2.0, 0], [0, 0, 1.0]])
+    edge_index = torch.tensor([[0, 1, 2, 0, 3, 1], [1, 0, 0, 2, 1, 3]])
+    diff = pos[edge_index[1]] - pos[edge_index[0]]
+    return pos, EdgeFeatures(torch.randn(6, 5), edge_index, diff / diff.norm(dim=1, keepdim=True))
+
+
+def test_e2n_sums_edge_features_onto_the_target_atom():
+    _, edge = small_graph()
+    expected = torch.zeros(4, 5)
+    for e in range(6):
+        expected[int(edge.edge_index[1, e])] += edge.features[e]
+    torch.testing.assert_close(edge_to_node(edge, 4), expected)
+    assert edge_to_node(edge, 4)[2].abs().sum() > 0 and torch.equal(edge_to_node(edge, 4)[2], edge.features[3])
+
+
+def test_v2v_is_the_papers_sum_of_unit_vectors_towards_neighbours():
+    pos, edge = small_graph()
+    expected = torch.zeros(4, 3, 5)
+    for e in range(6):
+        source, target = int(edge.edge_index[0, e]), int(edge.edge_index[1, e])
+        u = (pos[source] - pos[target]) / (pos[source] - pos[target]).norm()  # u_ij, i the target, j its neighbour
+        expected[target] += u[:, None] * edge.features[e][None, :]
+    torch.testing.assert_close(edge_to_vector(edge, 4), expected)
+
+
+def test_gemnet_edge_vectors_point_from_source_to_target(models, two_frames):
+    """The convention edge_to_vector relies on: vector_e = unit(pos[target] - image of pos[source])."""
+    batch = batch_from_frames(two_frames)
+    edge = models["gemnet-oc-tiny"](batch, taps=["edge"]).taps["edge"]
+    source, target = edge.edge_index
+    shifts = torch.cartesian_prod(*[torch.arange(-2.0, 3.0)] * 3)  # lattice images (positions get wrapped)
+    cells = batch.cell[batch.batch[target]]  # (E, 3, 3)
+    diff = (batch.pos[target] - batch.pos[source])[:, None, :] - torch.einsum("kj,eji->eki", shifts, cells)
+    directions = diff / diff.norm(dim=2, keepdim=True)
+    best = (directions - edge.vectors[:, None, :]).norm(dim=2).min(dim=1).values
+    assert best.max() < 1e-4
+
+
+def test_feature_loss_weights_each_atom_by_its_system():
+    batch = batch_from_frames(emt_frames(2))
+    n = batch.pos.shape[0]
+    torch.manual_seed(3)
+    student_node, target = torch.randn(n, 4), torch.randn(n, 6)
+    head = KDHead("n2n", 4, 6)
+    output = ModelOutput(torch.zeros(2), torch.zeros(n, 3), {"node": student_node})
+    targets = teacher_targets("n2n", ModelOutput(torch.zeros(2), torch.zeros(n, 3), {"node": target}), n)
+    weights = torch.tensor([2.0, 0.25])
+    with torch.no_grad():
+        per_atom_mse = (head.projection(student_node) - target).square().mean(dim=1)
+        per_atom_mae = (head.projection(student_node) - target).abs().mean(dim=1)
+    atom_weights = weights[batch.batch]
+    torch.testing.assert_close(kd_loss("n2n", head, output, targets, batch, weights),
+                               (atom_weights * per_atom_mse).mean())
+    torch.testing.assert_close(kd_loss("n2n", head, output, targets, batch, weights, loss="mae"),
+                               (atom_weights * per_atom_mae).mean())
+    torch.testing.assert_close(kd_loss("n2n", head, output, targets, batch, None), per_atom_mse.mean())
+
+
+def test_vanilla2_is_the_absolute_error_of_atom_energies():
+    batch = batch_from_frames(emt_frames(1))
+    n = batch.pos.shape[0]
+    student, teacher = torch.linspace(-1, 1, n), torch.linspace(1, -2, n)
+    output = ModelOutput(torch.zeros(1), torch.zeros(n, 3), {"atom_energy": student})
+    targets = teacher_targets("vanilla2", ModelOutput(torch.zeros(1), torch.zeros(n, 3), {"atom_energy": teacher}), n)
+    torch.testing.assert_close(kd_loss("vanilla2", KDHead("vanilla2"), output, targets, batch, None),
+                               (student - teacher).abs().mean())
+
+
+def test_pairs_that_cannot_do_a_mode_are_refused_naming_kd(models):
+    with pytest.raises(KdaugError, match=r"^--kd v2v: student schnet-tiny has no vector features"):
+        check_kd_pair("v2v", models["schnet-tiny"], models["gemnet-oc-tiny"])
+    with pytest.raises(KdaugError, match=r"^--kd e2n: teacher painn-tiny has no edge features.*--kd none, vanilla1"):
+        check_kd_pair("e2n", models["schnet-tiny"], models["painn-tiny"])
+    direct_off = load_model("painn-tiny")
+    direct_off.implemented_taps = direct_off.implemented_taps - {"vector"}  # as PaiNN without direct_forces
+    with pytest.raises(KdaugError, match="--kd v2v: student painn-tiny has no vector"):
+        check_kd_pair("v2v", direct_off, None)
+    with pytest.raises(KdaugError, match="--kd n3n: expected one of none, vanilla1"):
+        check_kd_pair("n3n", models["painn-tiny"], models["painn-tiny"])
+    for mode in KD_MODES:
+        check_kd_pair(mode, models["painn-tiny"], models["gemnet-oc-tiny"])
+
+
+def test_default_lambda_is_table_7():
+    assert default_kd_lambda("gemnet-oc", "painn-big", "n2n") == 10000
+    assert default_kd_lambda("gemnet_oc", "painn-big", "v2v") == 50000
+    assert default_kd_lambda("painn-big", "painn-small", "vanilla2") == 200
+    assert default_kd_lambda("painn-big", "schnet", "n2n") == 1000
+    assert default_kd_lambda("painn-big", "schnet", "n2n", dataset="coll") == 100
+    assert default_kd_lambda("painn-big", "schnet", "e2n") is None
+    assert default_kd_lambda("gemnet-oc-tiny", "painn-tiny", "n2n") is None
