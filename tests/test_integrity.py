@@ -340,15 +340,18 @@ def test_writer_disk_full_simulated_is_one_line(tmp_path, monkeypatch):
 
 # -- 5. interrupts and the remaining one-liners -------------------------------------------
 def test_ctrl_c_is_one_line_exit_130_and_resumable(tmp_path, bulk_db):
+    """Ctrl-C in a terminal signals the whole process group: the sampling worker must stay quiet too."""
     out = tmp_path / "out"
     args = [sys.executable, "-m", "kdaug", *generate_args(bulk_db, out, "--frame-fraction", "1")]
     args[args.index("--n-systems") + 1] = "40"
-    process = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    args[args.index("--num-workers") + 1] = "1"
+    process = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
     deadline = time.time() + 120
     manifest = out / "manifest.json"
     while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text())["n_frames"]):
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
