@@ -204,6 +204,32 @@ def test_rattle_resume_refuses_other_options_and_other_inputs(tmp_path):
     assert kdaug(*base, "--fraction", "0.5", "--sigma", "0.05", "--batch-size", "1").returncode == 0  # may change
 
 
+def test_adversarial_resume_refuses_another_student_or_attack(tmp_path):
+    import torch
+
+    from kdaug.models import load_model
+    from kdaug.perturb.adversarial import AdversarialConfig, run_adversarial
+
+    for seed, name in enumerate(("student", "teacher", "other")):
+        torch.manual_seed(seed)
+        load_model("painn-tiny").save(tmp_path / f"{name}.pt")
+    source = write_dataset(tmp_path / "in", emt_frames(4))
+
+    def config(**changes) -> AdversarialConfig:
+        options = dict(input=str(source), out=str(tmp_path / "adv"), student=str(tmp_path / "student.pt"),
+                       teacher="painn-tiny", checkpoint=str(tmp_path / "teacher.pt"), steps=1, fraction=0.5)
+        return AdversarialConfig(**{**options, **changes})
+
+    run_adversarial(config(), progress=False)
+    before = n_frames(tmp_path / "adv")
+    for changes, name in [({"student": str(tmp_path / "other.pt")}, "student_sha256"), ({"alpha": 0.02}, "alpha"),
+                          ({"checkpoint": str(tmp_path / "other.pt")}, "teacher_sha256")]:
+        with pytest.raises(KdaugError, match=f"started with other data options .*{name}"):
+            run_adversarial(config(fraction=1.0, **changes), progress=False)
+    assert n_frames(tmp_path / "adv") == before
+    assert run_adversarial(config(batch_size=1), progress=False)["inputs"] == 0  # batch size may change
+
+
 # -- 3. damaged files ------------------------------------------------------------------
 def test_truncated_lmdb_is_one_line_for_every_command(tmp_path, bulk_db):
     source = write_dataset(tmp_path / "in", emt_frames(6) * 2)
