@@ -121,6 +121,9 @@ def decode_entry(path: Path, key: str, raw: bytes | None) -> Data:
         _check_fields(data)
     except (ValueError, TypeError, RuntimeError) as err:
         raise entry_error(path, key, str(err)) from err
+    for name, value in data:  # stored tensors never need gradients (a flipped flag byte can set one)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            data[name] = value.detach()
     if "y" not in data:
         data.y = data.energy
         del data.energy

@@ -153,6 +153,8 @@ class LmdbWriter:
             raw_options = _get(txn, OPTIONS_KEY, path)
             try:
                 self._stored_options = json.loads(raw_options) if raw_options else None
+                if not isinstance(self._stored_options, dict | None):
+                    raise ValueError(f"key {OPTIONS_KEY.decode()} holds no mapping")
                 cursor = txn.cursor()
                 self._has_done = cursor.set_range(DONE_PREFIX) and cursor.key().startswith(DONE_PREFIX)
             except (ValueError, lmdb.Error) as err:
