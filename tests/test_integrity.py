@@ -22,10 +22,12 @@ from pathlib import Path
 
 import lmdb
 import pytest
+import torch
 from ase.build import bulk
 
 from kdaug.cli.main import main
 from kdaug.data.convert import frame_to_data
+from kdaug.data.entries import decode_entry
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
 from kdaug.errors import KdaugError
 from kdaug.generate import GenerateConfig, run_generate
@@ -205,8 +207,6 @@ def test_rattle_resume_refuses_other_options_and_other_inputs(tmp_path):
 
 
 def test_adversarial_resume_refuses_another_student_or_attack(tmp_path):
-    import torch
-
     from kdaug.models import load_model
     from kdaug.perturb.adversarial import AdversarialConfig, run_adversarial
 
@@ -282,6 +282,28 @@ def test_bad_later_entry_is_one_line_naming_file_key_and_field(tmp_path):
     for result, message in zip(kdaug_batch(commands), expected):
         assert message in one_error_line(result, result["argv"][0])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(DAMAGES)  # no output, no temporary file
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "field"),
+    [
+        ("pos", torch.zeros(13, 2), "field pos has shape (13, 2), expected (13, 3)"),
+        ("pos", torch.zeros(13, 3, dtype=torch.long), "field pos has dtype torch.int64"),
+        ("cell", torch.eye(3) * 0.1, "field cell has a lattice height below"),
+        ("force", torch.full((13, 3), float("inf")), "field force holds non-finite values"),
+        ("atomic_numbers", torch.full((13,), 200), "field atomic_numbers must be"),
+        ("tags", torch.zeros(12), "field tags has shape (12,), expected (13,)"),
+        ("natoms", 14, "field natoms is 14, expected 13"),
+        ("origin", 3, "field origin is a int, expected a string"),
+        ("y", torch.zeros(2), "field y has shape (2,), expected ()"),
+    ],
+)
+def test_entry_validation_names_the_field(name, value, field):
+    data = frame_to_data(emt_frames(1)[0])
+    data[name] = value
+    with pytest.raises(KdaugError, match=r"^x.lmdb: entry 7 is not a structure frame \(") as raised:
+        decode_entry(Path("x.lmdb"), "7", pickle.dumps(data))
+    assert field in str(raised.value)
 
 
 def test_rattle_with_elements_the_teacher_lacks_creates_no_output(tmp_path):

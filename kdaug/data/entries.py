@@ -66,11 +66,13 @@ def _check_fields(data: Data) -> None:
         msg = f"missing field {names}; has {', '.join(sorted(data.keys()))}"
         raise ValueError(msg)
     numbers = data["atomic_numbers"]
-    n_atoms = numbers.shape[0] if isinstance(numbers, torch.Tensor) and numbers.dim() == 1 else -1
-    numbers = _array("atomic_numbers", numbers, (max(n_atoms, 0),), real=False)
-    if n_atoms < 1 or (numbers != np.round(numbers)).any() or numbers.min() < 1 or numbers.max() > 118:
-        msg = "field atomic_numbers must be a non-empty (N,) list of atomic numbers 1..118"
-        raise ValueError(msg)
+    expected = "field atomic_numbers must be a non-empty (N,) tensor of atomic numbers 1..118"
+    if not isinstance(numbers, torch.Tensor) or numbers.dim() != 1 or not numbers.numel():
+        raise ValueError(expected)
+    n_atoms = numbers.shape[0]
+    numbers = _array("atomic_numbers", numbers, (n_atoms,), real=False)
+    if (numbers != np.round(numbers)).any() or numbers.min() < 1 or numbers.max() > 118:
+        raise ValueError(expected)
     positions = _array("pos", data["pos"], (n_atoms, 3), real=True)
     cell = _array("cell", data["cell"], (3, 3), real=True)
     for name, array in (("pos", positions), ("cell", cell)):
