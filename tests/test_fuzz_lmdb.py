@@ -83,6 +83,7 @@ def build_corpus(base: Path, root: Path, frames) -> list[Path]:
         ("energy-vector", b"1", _entry(frame, y=torch.zeros(2))),
         ("natoms-wrong", b"1", _entry(frame, natoms=n_atoms + 1)),
         ("details-not-json", b"1", _entry(frame, details="{not json")),
+        ("parent-not-a-tensor", b"1", _entry(frame, parent="(1, 2)")),
         ("cell-flat", b"1", _entry(frame, cell=torch.zeros(1, 3, 3).index_fill_(1, torch.tensor([0]), 1.0))),
         ("requires-grad", b"1", _entry(frame, force=frame_to_data(frame).force.requires_grad_())),
     ]:

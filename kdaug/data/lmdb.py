@@ -448,7 +448,7 @@ class FrameDataset(torch.utils.data.Dataset):
         data = self[index]
         try:
             return data_to_frame(data)
-        except (ValueError, TypeError, KeyError, IndexError, RuntimeError) as err:
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as err:
             file_index, key = self.locate(index)
             raise entry_error(self.files[file_index], key, f"provenance: {err}") from err
 
