@@ -144,8 +144,7 @@ class LmdbWriter:
         try:
             self._env = lmdb.open(str(path), subdir=False, map_size=map_size, meminit=False, map_async=False)
         except lmdb.Error as err:
-            msg = f"{path}: cannot open this output file ({err})"
-            raise KdaugError(msg) from err
+            raise self._write_failed(path, err, 0) from err
         self._file_index = index
         with self._env.begin() as txn:
             self._length = _read_value(txn, LENGTH_KEY, path, 0)
@@ -218,16 +217,15 @@ class LmdbWriter:
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
             except lmdb.Error as err:
-                raise self._write_failed(err, sum(map(len, payload))) from err
+                raise self._write_failed(self._path(self._file_index), err, sum(map(len, payload))) from err
         self._length += len(payload)
         self._stats = stats
         if record_options:
             self._stored_options = self.data_options
         self.write_manifest()
 
-    def _write_failed(self, err: lmdb.Error, n_bytes: int) -> KdaugError:
+    def _write_failed(self, path: Path, err: lmdb.Error, n_bytes: int) -> KdaugError:
         # LMDB reports a short write as EIO; a full disk is the usual reason.
-        path = self._path(self._file_index)
         if shutil.disk_usage(self.out_dir).free < n_bytes + (1 << 20):
             return write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
         return KdaugError(f"cannot write {path} ({err})")
@@ -278,8 +276,9 @@ class LmdbWriter:
             tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
             tmp.replace(path)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise write_error(path, err) from err
+        finally:  # also on Ctrl-C
+            tmp.unlink(missing_ok=True)
         return path
 
     def close(self) -> None:
