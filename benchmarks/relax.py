@@ -30,7 +30,7 @@ from kdaug.sampling.oc import SamplerConfig, SystemSampler, iter_systems
 
 def relaxation_rate(model, frames, *, batch: int, steps: int, device: str) -> float:
     evaluations = [0]
-    tasks = [RelaxTask(f.sid, f.positions, f.atomic_numbers, f.cell, f.tags, f.fixed) for f in frames]
+    tasks = [RelaxTask.from_atoms(frame_to_atoms(f), sid=f.sid) for f in frames]
     relaxer = BatchedRelaxer(model, optimizer="fire", fmax=1e-6, max_steps=steps, max_systems=batch, device=device,
                              on_step=lambda n_systems, n_atoms: evaluations.__setitem__(0, evaluations[0] + n_systems))
     list(relaxer.run(tasks[:batch]))  # warm-up

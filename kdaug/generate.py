@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -25,20 +26,12 @@ from ase import Atoms
 from tqdm import tqdm
 
 from kdaug.config import check_values, option, shard_from_environment
-from kdaug.data.convert import fixed_mask
 from kdaug.data.lmdb import LmdbWriter
 from kdaug.models import AtomisticModel, load_teacher
 from kdaug.models.fairchem_v1 import sha256_of
 from kdaug.relax.optimizers import OPTIMIZERS
 from kdaug.relax.runner import BatchedRelaxer, RelaxResult, RelaxTask
-from kdaug.sampling.oc import (
-    DEFAULT_BULK_DB,
-    PLACEMENT_MODES,
-    SampledSystem,
-    SamplerConfig,
-    SystemSampler,
-    iter_systems,
-)
+from kdaug.sampling.oc import DEFAULT_BULK_DB, PLACEMENT_MODES, SamplerConfig, SystemSampler, iter_systems
 from kdaug.types import Frame, Provenance
 
 logger = logging.getLogger(__name__)
@@ -111,13 +104,6 @@ class FrameSelector:
         return bool(np.random.default_rng([self.seed, task.sid, step, 1]).random() < self.fraction)
 
 
-def to_task(system: SampledSystem) -> RelaxTask:
-    atoms = system.atoms
-    return RelaxTask(sid=system.sid, positions=atoms.positions.copy(), atomic_numbers=atoms.numbers.copy(),
-                     cell=np.array(atoms.cell), tags=atoms.get_tags().copy(), fixed=fixed_mask(atoms),
-                     payload=system.details)
-
-
 def anomaly(result: RelaxResult) -> str | None:
     """Why a trajectory is dropped (None: keep it): non-finite, exploded, or fairchem's
     DetectTrajAnomaly verdicts (desorbed, dissociated, surface changed)."""
@@ -142,6 +128,15 @@ def anomaly(result: RelaxResult) -> str | None:
     if detector.has_surface_changed():
         return "surface_changed"
     return None
+
+
+def result_counts(result: RelaxResult, reason: str | None, n_frames: int) -> dict[str, int]:
+    """What one finished system adds to the tally (the manifest's counters and the returned summary);
+    zero counts left out."""
+    if reason:
+        return {"systems": 1, "dropped": 1, f"dropped_{reason}": 1}
+    tally = {"systems": 1, "frames": n_frames, "converged": int(result.converged)}
+    return {key: n for key, n in tally.items() if n}
 
 
 def result_frames(result: RelaxResult, teacher: AtomisticModel) -> list[Frame]:
@@ -181,25 +176,22 @@ def run_generate(config: GenerateConfig, *, progress: bool = True, on_step=None)
                              max_atoms=config.max_atoms_per_batch,
                              device=config.device, on_step=on_step)
     keep = FrameSelector(config.seed, config.frame_fraction)
-    tasks = (to_task(system) for system in iter_systems(sampler, sids, num_workers=config.num_workers))
-    counts = {"systems": 0, "frames": 0, "converged": 0, "dropped": 0}
+    tasks = (RelaxTask.from_atoms(system.atoms, sid=system.sid, payload=system.details)
+             for system in iter_systems(sampler, sids, num_workers=config.num_workers))
+    counts = Counter(systems=0, frames=0, converged=0, dropped=0)
     start = time.perf_counter()
     with writer, tqdm(total=len(sids), desc=f"generate {stem}", unit=" systems", disable=not progress) as bar:
         for result in relaxer.run(tasks, keep):
             reason = anomaly(result)
             frames = [] if reason else result_frames(result, teacher)
-            counters = {f"dropped:{reason}": 1} if reason else {"systems_kept": 1,
-                                                               "systems_converged": int(result.converged)}
-            writer.write_batch(frames, done=[str(result.task.sid)], counters=counters)
-            counts["systems"] += 1
-            counts["frames"] += len(frames)
-            counts["converged"] += int(result.converged and not reason)
-            counts["dropped"] += int(reason is not None)
+            tally = result_counts(result, reason, len(frames))
+            writer.write_batch(frames, done=[str(result.task.sid)], counters=tally)
+            counts.update(tally)
             bar.update(1)
             bar.set_postfix(frames=counts["frames"],
                             frames_per_s=f"{counts['frames'] / (time.perf_counter() - start):.2f}")
     elapsed = time.perf_counter() - start
-    counts["seconds"] = round(elapsed, 2)
+    counts = {**counts, "seconds": round(elapsed, 2)}
     logger.info("done: %d systems (%d converged, %d dropped), %d frames in %.1f s -> %s",
                 counts["systems"], counts["converged"], counts["dropped"], counts["frames"], elapsed, config.out)
     return counts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import numpy as np
 import pytest
@@ -11,12 +12,20 @@ import torch
 from ase.calculators.emt import EMT
 
 from kdaug.cli.main import main
-from kdaug.data.batch import batch_from_frames, make_batch
+from kdaug.data.batch import batch_from_frames
 from kdaug.data.convert import frame_to_atoms
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
 from kdaug.models import load_model, load_teacher
-from kdaug.perturb.adversarial import AdversarialConfig, AttackParams, adversarial_perturb, discrepancy, run_adversarial
+from kdaug.perturb.adversarial import (
+    AdversarialConfig,
+    AttackParams,
+    adversarial_perturb,
+    attack,
+    discrepancy,
+    run_adversarial,
+)
 from kdaug.perturb.rattle import RattleConfig, run_rattle
+from kdaug.state import BatchState
 from tests.conftest import emt_frames
 
 
@@ -86,23 +95,26 @@ def test_rattle_is_deterministic_resumable_and_rejects_overlaps(source, tmp_path
                                    copies=5, min_distance_factor=0.8), progress=False)
     assert wild["rejected_min_distance"] > 0
     assert wild["written"] + wild["rejected_min_distance"] == 30
+    manifest = json.loads((tmp_path / "wild" / "manifest.json").read_text())
+    assert manifest["counters"] == {key: n for key, n in wild.items() if n}  # one tally for both
 
 
-def attack_batch(teacher_dtype=torch.float32):
-    return batch_from_frames(emt_frames(3), dtype=teacher_dtype)
+def attack_state(teacher_dtype=torch.float32):
+    return BatchState.from_frames(emt_frames(3), dtype=teacher_dtype)
 
 
 def test_adversarial_discrepancy_rises_and_beats_random_noise(checkpoints):
     student = load_model(None, checkpoint=checkpoints["student"])
     teacher = load_teacher("painn-tiny", checkpoints["teacher"])
-    batch = attack_batch()
+    state = attack_state()
     params = AttackParams(steps=5, alpha=0.02, step_rule="normalized", max_displacement=0.1)
-    positions, history = adversarial_perturb(batch, student, teacher, params)
-    assert len(history) == 6
+    result = attack(state, student, teacher, params)
+    assert result.discrepancy.shape == (6, 3)
+    history = result.discrepancy.mean(dim=1).tolist()
     assert history[-1] > history[0]
     assert all(b >= a - 1e-6 for a, b in zip(history, history[1:]))  # it climbs every step
-    delta = positions - batch.pos
-    fixed = batch.fixed
+    delta = result.positions - state.positions
+    fixed = state.fixed
     assert torch.all(delta[fixed] == 0)
     assert delta.norm(dim=1).max() <= 0.1 + 1e-6
     # Random noise of the same norm per system does much less.
@@ -110,26 +122,26 @@ def test_adversarial_discrepancy_rises_and_beats_random_noise(checkpoints):
     random_losses = []
     for _ in range(5):
         noise = torch.randn(delta.shape, generator=generator) * (~fixed)[:, None]
-        per_system = lambda x: torch.zeros(3).index_add_(0, batch.batch, (x * x).sum(1)).sqrt()
-        noise = noise * (per_system(delta) / per_system(noise))[batch.batch, None]
-        moved = make_batch(batch.pos + noise, batch.atomic_numbers, batch.cell, batch.natoms, batch.tags, fixed)
+        per_system = lambda x: torch.zeros(3).index_add_(0, state.system_idx, (x * x).sum(1)).sqrt()
+        noise = noise * (per_system(delta) / per_system(noise))[state.system_idx, None]
+        moved = state.replace(positions=state.positions + noise)
         with torch.no_grad():
-            random_losses.append(float(discrepancy(student(moved), teacher(moved), moved, params).mean()))
+            loss = discrepancy(student(moved.to_batch()), teacher(moved.to_batch()), moved, params)
+        random_losses.append(float(loss.mean()))
     assert history[-1] > max(random_losses)
 
 
 def test_orthogonal_step_has_no_component_along_the_teacher_force(checkpoints):
     student = load_model(None, checkpoint=checkpoints["student"])
     teacher = load_teacher("painn-tiny", checkpoints["teacher"])
-    batch = attack_batch()
+    state = attack_state()
     params = AttackParams(steps=1, alpha=1e-4, orthogonal_to_force=True, max_displacement=10.0)
-    positions, _ = adversarial_perturb(batch, student, teacher, params)
-    delta = positions - batch.pos
+    delta = attack(state, student, teacher, params).positions - state.positions
     with torch.no_grad():
-        force = teacher(batch).forces * (~batch.fixed)[:, None]
-    along = torch.zeros(3).index_add_(0, batch.batch, (delta * force).sum(1))
-    norms = torch.zeros(3).index_add_(0, batch.batch, (delta * delta).sum(1)).sqrt()
-    force_norms = torch.zeros(3).index_add_(0, batch.batch, (force * force).sum(1)).sqrt()
+        force = teacher(state.to_batch()).forces * (~state.fixed)[:, None]
+    along = torch.zeros(3).index_add_(0, state.system_idx, (delta * force).sum(1))
+    norms = torch.zeros(3).index_add_(0, state.system_idx, (delta * delta).sum(1)).sqrt()
+    force_norms = torch.zeros(3).index_add_(0, state.system_idx, (force * force).sum(1)).sqrt()
     assert (along.abs() / (norms * force_norms)).max() < 1e-3
     assert norms.min() > 0
 
@@ -138,9 +150,11 @@ def test_gradient_force_student_double_backward_and_kT(checkpoints):
     student = load_model(None, checkpoint=checkpoints["schnet"])
     teacher = load_teacher("painn-tiny", checkpoints["teacher"])
     params = AttackParams(steps=3, alpha=1e-3, kT=0.5, random_start=0.01)
-    _, history = adversarial_perturb(attack_batch(), student, teacher, params,
-                                     generator=torch.Generator().manual_seed(0))
+    batch = attack_state().to_batch()  # the training loop's entry point takes a model input Batch
+    generator = torch.Generator().manual_seed(0)
+    positions, history = adversarial_perturb(batch, student, teacher, params, generator=generator)
     assert np.isfinite(history).all() and len(history) == 4
+    assert positions.shape == batch.pos.shape and torch.all(positions[batch.fixed] == batch.pos[batch.fixed])
 
 
 def test_run_adversarial_writes_labelled_frames_fairchem_reads(source, checkpoints, tmp_path):
@@ -161,6 +175,52 @@ def test_run_adversarial_writes_labelled_frames_fairchem_reads(source, checkpoin
     from fairchem.core.datasets import LmdbDataset
 
     assert len(LmdbDataset({"src": str(tmp_path / "adv")})) == len(frames)
+
+
+def test_adversarial_output_is_independent_of_batch_size_for_a_seed(source, checkpoints, tmp_path):
+    options = dict(input=str(source), student=checkpoints["student"], teacher="painn-tiny",
+                   checkpoint=checkpoints["teacher"], steps=3, alpha=0.02, step_rule="normalized",
+                   max_displacement=0.1, random_start=0.02, seed=4)
+    runs = {}
+    for batch_size in (1, 3):
+        out = tmp_path / f"batch{batch_size}"
+        summary = run_adversarial(AdversarialConfig(out=str(out), batch_size=batch_size, **options), progress=False)
+        runs[batch_size] = (summary, {(f.sid, f.fid): f for f in read(out)})
+    (summary_1, alone), (summary_3, together) = runs[1], runs[3]
+    assert sorted(alone) == sorted(together) and len(alone) == summary_1["written"] > 0
+    for key, frame in alone.items():
+        # The same frame up to float32 rounding in the batched forwards (~1e-6 A).
+        np.testing.assert_allclose(frame.positions, together[key].positions, rtol=0, atol=1e-5)
+        assert frame.energy == pytest.approx(together[key].energy, rel=1e-5)
+        details, other = frame.provenance.details, together[key].provenance.details
+        assert details["final_discrepancy"] == pytest.approx(other["final_discrepancy"], rel=1e-5)
+        assert details["seed"] == 4 and details["random_start"] == 0.02 and details["force_weight"] == 100.0
+    np.testing.assert_allclose(summary_1["mean_discrepancy_per_step"], summary_3["mean_discrepancy_per_step"],
+                               rtol=1e-5)
+    # A different seed starts elsewhere.
+    other = run_adversarial(AdversarialConfig(out=str(tmp_path / "seed5"), batch_size=3, **{**options, "seed": 5}),
+                            progress=False)
+    assert other["mean_discrepancy_per_step"][0] != summary_3["mean_discrepancy_per_step"][0]
+
+
+def test_each_adversarial_frame_records_its_own_discrepancy(source, checkpoints, tmp_path):
+    config = AdversarialConfig(input=str(source), out=str(tmp_path / "adv"), student=checkpoints["student"],
+                               teacher="painn-tiny", checkpoint=checkpoints["teacher"], steps=2, alpha=0.02,
+                               step_rule="normalized", max_displacement=0.1, batch_size=6)
+    run_adversarial(config, progress=False)
+    frames = read(tmp_path / "adv")
+    finals = [f.provenance.details["final_discrepancy"] for f in frames]
+    assert len(frames) > 1 and len(set(finals)) == len(finals)  # not one batch mean for all
+    for frame in frames:
+        steps = frame.provenance.details["discrepancy_per_step"]
+        assert len(steps) == 3 and steps[-1] == frame.provenance.details["final_discrepancy"]
+    # Recompute the last frame's discrepancy alone, at its stored positions.
+    student = load_model(None, checkpoint=checkpoints["student"])
+    teacher = load_teacher("painn-tiny", checkpoints["teacher"])
+    state = BatchState.from_frames(frames[-1:], dtype=torch.float32)
+    with torch.no_grad():
+        own = discrepancy(student(state.to_batch()), teacher(state.to_batch()), state, config.params())
+    assert finals[-1] == pytest.approx(float(own[0]), rel=1e-4)
 
 
 def cli(*args):

@@ -141,8 +141,12 @@ def test_kill_9_then_resume_reproduces_the_uninterrupted_loss_curve(data, tmp_pa
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert len(_lines(killed / "log.jsonl")) < 60
+    saved_step = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]
+    assert 3 <= saved_step < 60
     assert kdaug(*args, "--out", str(killed)).returncode == 0
-    resumed, uninterrupted = read_log(killed), read_log(reference)
+    resumed = [r for r in read_log(killed) if "loss" in r]
+    uninterrupted = read_log(reference)
+    assert [r["step"] for r in read_log(killed) if "resumed" in r] == [saved_step]
     assert [r["step"] for r in resumed] == list(range(1, 61))
     assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in uninterrupted], rel=1e-6)
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,13 +14,18 @@ import torch
 from ase import Atoms
 from ase.data import covalent_radii
 from ase.neighborlist import neighbor_list
+from tqdm import tqdm
 
 from kdaug.config import check_values, option
-from kdaug.data.batch import batch_from_frames
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
 from kdaug.errors import KdaugError, UnsupportedElement
 from kdaug.models import AtomisticModel
+from kdaug.state import BatchState, split_atoms
 from kdaug.types import Frame, Provenance
+
+
+# Perturbs a chunk of (input index, frame) pairs: the frames to write and the counts they add.
+ChunkWork = Callable[[list[tuple[int, Frame]]], tuple[list[Frame], dict[str, int]]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,13 +97,13 @@ def too_close(frame: Frame, positions: np.ndarray, min_distance_factor: float) -
 
 def label(frames: Sequence[Frame], teacher: AtomisticModel, *, device: str) -> list[tuple[float, np.ndarray]]:
     """Teacher (energy eV, forces (n,3) eV/A) for each frame's positions, one batched forward."""
-    batch = batch_from_frames(frames, device=device, dtype=teacher.dtype)
+    if not frames:
+        return []
     with torch.no_grad():
-        out = teacher(batch)
+        out = teacher(BatchState.from_frames(frames, device=device, dtype=teacher.dtype).to_batch())
     energies = out.energy.detach().double().cpu().numpy()
-    forces = out.forces.detach().double().cpu().numpy()
-    bounds = np.cumsum([0, *(f.n_atoms for f in frames)])
-    return [(float(energies[k]), forces[bounds[k]:bounds[k + 1]]) for k in range(len(frames))]
+    forces = split_atoms(out.forces.detach().double().cpu().numpy(), [f.n_atoms for f in frames])
+    return [(float(energy), f) for energy, f in zip(energies, forces)]
 
 
 def derived_frame(parent: Frame, positions: np.ndarray, energy: float, forces: np.ndarray, *, copy: int,
@@ -117,3 +123,26 @@ def pending_chunks(dataset: FrameDataset, indices: Sequence[int], writer: LmdbWr
     todo = [i for i in indices if str(i) not in done]
     for start in range(0, len(todo), chunk):
         yield [(i, dataset.frame(i)) for i in todo[start:start + chunk]]
+
+
+def perturb_dataset(dataset: FrameDataset, config: PerturbOptions, work: ChunkWork, *, desc: str,
+                    models: Sequence[AtomisticModel], options: dict, progress: bool = True) -> Counter:
+    """Run `work` on each chunk of the selected input frames not yet done and write what it returns (one
+    transaction per chunk, resumable); its counts go to the manifest's counters, and their sum over this
+    run is returned.
+
+    Before any output exists, every selected frame is validated and checked against the elements of
+    `models`; the output records `options` (see `data_options`) and refuses a resume made with others.
+    """
+    indices = select_indices(len(dataset), config.fraction, config.seed)
+    check_inputs(dataset, indices, models)
+    counts: Counter = Counter()
+    with LmdbWriter(config.out, creation_args=dataclasses.asdict(config), data_options=options) as writer, \
+            tqdm(total=len(indices), desc=desc, unit=" frames", disable=not progress) as bar:
+        for chunk in pending_chunks(dataset, indices, writer, config.batch_size):
+            frames, tally = work(chunk)
+            writer.write_batch(frames, done=[str(i) for i, _ in chunk], counters={k: v for k, v in tally.items() if v})
+            counts.update(tally)
+            bar.update(len(chunk))
+    dataset.close()
+    return counts

@@ -9,28 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
-from tqdm import tqdm
 
 from kdaug.config import check_values, option
-from kdaug.data.lmdb import FrameDataset, LmdbWriter
-from kdaug.models import load_teacher
+from kdaug.data.lmdb import FrameDataset
+from kdaug.models import AtomisticModel, load_teacher
 from kdaug.perturb.common import (
     PerturbOptions,
-    check_inputs,
     check_output_not_input,
     data_options,
     derived_frame,
     label,
-    pending_chunks,
-    select_indices,
+    perturb_dataset,
     too_close,
 )
+from kdaug.types import Frame
 
 logger = logging.getLogger(__name__)
+COUNTS = ("inputs", "written", "rejected_min_distance")  # the run's tally: manifest counters and summary
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,39 +57,36 @@ def rattle_positions(positions: np.ndarray, fixed: np.ndarray, sigma: float, rng
 
 
 def run_rattle(config: RattleConfig, *, progress: bool = True) -> dict:
+    """Rattle, filter (min distance), label with the teacher and write; returns the counts of this run
+    (as added to the manifest's counters)."""
     dataset = FrameDataset(config.input)
     check_output_not_input(config.input, config.out)
     teacher = load_teacher(config.teacher, config.checkpoint, device=config.device)
-    indices = select_indices(len(dataset), config.fraction, config.seed)
-    check_inputs(dataset, indices, [teacher])
-    options = data_options(config, teacher, dataset)
-    counts = {"inputs": 0, "written": 0, "rejected_min_distance": 0}
-    with LmdbWriter(config.out, creation_args=dataclasses.asdict(config), data_options=options) as writer, \
-            tqdm(total=len(indices), desc="rattle", unit=" frames", disable=not progress) as bar:
-        for chunk in pending_chunks(dataset, indices, writer, config.batch_size):
-            candidates = []
-            rejected = 0
-            for index, frame in chunk:
-                teacher.check_elements(frame.atomic_numbers)
-                for copy in range(config.copies):
-                    rng = np.random.default_rng([config.seed, index, copy])
-                    positions = rattle_positions(frame.positions, frame.fixed, config.sigma, rng)
-                    if too_close(frame, positions, config.min_distance_factor):
-                        rejected += 1
-                        continue
-                    candidates.append((frame, positions, copy))
-            moved = [dataclasses.replace(f, positions=p) for f, p, _ in candidates]
-            labels = label(moved, teacher, device=config.device) if moved else []
-            frames = [derived_frame(parent, positions, energy, forces, copy=copy, copies=config.copies,
-                                    origin="rattled", teacher=teacher,
-                                    details={"sigma": config.sigma, "copy": copy, "seed": config.seed})
-                      for (parent, positions, copy), (energy, forces) in zip(candidates, labels)]
-            writer.write_batch(frames, done=[str(i) for i, _ in chunk],
-                               counters={"rejected:min_distance": rejected} if rejected else None)
-            counts["inputs"] += len(chunk)
-            counts["written"] += len(frames)
-            counts["rejected_min_distance"] += rejected
-            bar.update(len(chunk))
-    dataset.close()
-    logger.info("rattle: %s -> %s", counts, config.out)
-    return counts
+    counts = perturb_dataset(dataset, config, lambda chunk: rattle_chunk(chunk, teacher, config), desc="rattle",
+                             models=[teacher], options=data_options(config, teacher, dataset), progress=progress)
+    summary = {key: counts[key] for key in COUNTS}
+    logger.info("rattle: %s -> %s", summary, config.out)
+    return summary
+
+
+def rattle_chunk(chunk: Sequence[tuple[int, Frame]], teacher: AtomisticModel, config: RattleConfig,
+                 ) -> tuple[list[Frame], dict[str, int]]:
+    """`copies` rattled copies of each (input index, frame) pair that pass the filter, labelled; the counts
+    they add."""
+    candidates = []
+    tally = dict.fromkeys(COUNTS, 0) | {"inputs": len(chunk)}
+    for index, frame in chunk:
+        teacher.check_elements(frame.atomic_numbers)
+        for copy in range(config.copies):
+            rng = np.random.default_rng([config.seed, index, copy])
+            positions = rattle_positions(frame.positions, frame.fixed, config.sigma, rng)
+            if too_close(frame, positions, config.min_distance_factor):
+                tally["rejected_min_distance"] += 1
+                continue
+            candidates.append((frame, positions, copy))
+    labels = label([dataclasses.replace(f, positions=p) for f, p, _ in candidates], teacher, device=config.device)
+    frames = [derived_frame(parent, positions, energy, forces, copy=copy, copies=config.copies, origin="rattled",
+                            teacher=teacher, details={"sigma": config.sigma, "copy": copy, "seed": config.seed})
+              for (parent, positions, copy), (energy, forces) in zip(candidates, labels)]
+    tally["written"] = len(frames)
+    return frames, tally

@@ -1,59 +1,45 @@
 """FIRE and LBFGS over a flat batch of systems, each with its own optimizer state.
 
 Both follow ASE's `ase.optimize.FIRE` / `ase.optimize.LBFGS` step for step (same
-defaults), vectorised over systems: per-atom tensors have N rows, per-system
-tensors S rows, and `OptimizerState.select` / `concat` let systems leave and
-join the batch between steps. Forces on fixed atoms are zeroed and fixed atoms
-never move. Positions in Angstrom, forces in eV/Angstrom, float64.
+defaults), vectorised over systems. Each optimizer's memory is a `BatchState`
+subclass (per-atom and per-system fields), so `select` / `concat` let systems
+leave and join the batch between steps. Forces on fixed atoms are zeroed and
+fixed atoms never move. Positions in Angstrom, forces in eV/Angstrom, float64.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-
-@dataclass
-class OptimizerState:
-    """Optimizer memory: `atom` tensors (N, ...) and `system` tensors (S, ...)."""
-
-    atom: dict[str, torch.Tensor] = field(default_factory=dict)
-    system: dict[str, torch.Tensor] = field(default_factory=dict)
-
-    def select(self, atom_mask: torch.Tensor, system_mask: torch.Tensor) -> OptimizerState:
-        return OptimizerState({k: v[atom_mask] for k, v in self.atom.items()},
-                              {k: v[system_mask] for k, v in self.system.items()})
-
-    @staticmethod
-    def concat(states: Sequence[OptimizerState]) -> OptimizerState:
-        states = [s for s in states if s.system]
-        if not states:
-            return OptimizerState()
-        return OptimizerState({k: torch.cat([s.atom[k] for s in states]) for k in states[0].atom},
-                              {k: torch.cat([s.system[k] for s in states]) for k in states[0].system})
-
-
-def segment_sum(values: torch.Tensor, system_idx: torch.Tensor, n_systems: int) -> torch.Tensor:
-    """(N,) -> (S,) sums per system."""
-    return torch.zeros(n_systems, dtype=values.dtype, device=values.device).index_add_(0, system_idx, values)
-
-
-def segment_max(values: torch.Tensor, system_idx: torch.Tensor, n_systems: int) -> torch.Tensor:
-    """(N,) -> (S,) maxima per system (0 for a system with no atoms)."""
-    out = torch.zeros(n_systems, dtype=values.dtype, device=values.device)
-    return out.scatter_reduce_(0, system_idx, values, reduce="amax", include_self=False)
+from kdaug.state import BatchState, per_atom, per_system, segment_max, segment_sum
 
 
 class Optimizer(Protocol):
-    def init(self, n_atoms: int, *, device: torch.device) -> OptimizerState:
-        """State of one fresh system of `n_atoms` atoms."""
+    def init(self, state: BatchState) -> BatchState:
+        """The optimizer's state (a `BatchState` subclass) for fresh systems `state` (float64 positions)."""
 
-    def step(self, positions: torch.Tensor, forces: torch.Tensor, system_idx: torch.Tensor, n_systems: int,
-             state: OptimizerState) -> tuple[torch.Tensor, OptimizerState]:
-        """New positions (N,3) and state; does not mutate its inputs. `forces` has fixed atoms zeroed."""
+    def step(self, state: BatchState, forces: torch.Tensor) -> BatchState:
+        """The state after one step; `forces` (N,3) eV/A has fixed atoms zeroed. Does not mutate its inputs;
+        fixed atoms keep their positions."""
+
+
+def moved(state: BatchState, dr: torch.Tensor) -> torch.Tensor:
+    """Positions (N,3) after displacing the free atoms of `state` by `dr` (N,3)."""
+    return torch.where(state.fixed[:, None], state.positions, state.positions + dr)
+
+
+@dataclass(eq=False)
+class FireState(BatchState):
+    """FIRE memory: velocity (N,3) per atom; dt, mixing a, downhill-step count and started flag per system."""
+
+    velocity: torch.Tensor = per_atom()
+    dt: torch.Tensor = per_system()
+    a: torch.Tensor = per_system()
+    n_downhill: torch.Tensor = per_system()
+    started: torch.Tensor = per_system()
 
 
 @dataclass(frozen=True)
@@ -69,21 +55,19 @@ class FIRE:
     astart: float = 0.1
     fa: float = 0.99
 
-    def init(self, n_atoms: int, *, device: torch.device) -> OptimizerState:
-        f64 = {"dtype": torch.float64, "device": device}
-        return OptimizerState(
-            atom={"velocity": torch.zeros(n_atoms, 3, **f64)},
-            system={"dt": torch.full((1,), self.dt, **f64), "a": torch.full((1,), self.astart, **f64),
-                    "n_downhill": torch.zeros(1, dtype=torch.long, device=device),
-                    "started": torch.zeros(1, dtype=torch.bool, device=device)},
-        )
+    def init(self, state: BatchState) -> FireState:
+        n_systems, f64 = state.n_systems, {"dtype": torch.float64, "device": state.device}
+        return FireState(**vars(state.structure()), velocity=torch.zeros_like(state.positions, dtype=torch.float64),
+                         dt=torch.full((n_systems,), self.dt, **f64), a=torch.full((n_systems,), self.astart, **f64),
+                         n_downhill=torch.zeros(n_systems, dtype=torch.long, device=state.device),
+                         started=torch.zeros(n_systems, dtype=torch.bool, device=state.device))
 
-    def step(self, positions, forces, system_idx, n_systems, state):
-        v, dt, a = state.atom["velocity"], state.system["dt"], state.system["a"]
-        n_down, started = state.system["n_downhill"], state.system["started"]
+    def step(self, state: FireState, forces: torch.Tensor) -> FireState:
+        v, dt, a, n_down, started = state.velocity, state.dt, state.a, state.n_downhill, state.started
+        system_idx = state.system_idx
 
         def per_system(x):
-            return segment_sum(x, system_idx, n_systems)
+            return segment_sum(x, system_idx, state.n_systems)
 
         vf = per_system((forces * v).sum(1))
         f_norm = per_system((forces * forces).sum(1)).sqrt()
@@ -104,9 +88,22 @@ class FIRE:
         dr_norm = per_system((dr * dr).sum(1)).sqrt()
         scale = torch.where(dr_norm > self.maxstep, self.maxstep / dr_norm.clamp_min(1e-300), torch.ones_like(dr_norm))
         dr = dr * scale[system_idx, None]
-        new_state = OptimizerState({"velocity": v}, {"dt": dt, "a": a, "n_downhill": n_down,
-                                                     "started": torch.ones_like(started)})
-        return positions + dr, new_state
+        return state.replace(positions=moved(state, dr), velocity=v, dt=dt, a=a, n_downhill=n_down,
+                             started=torch.ones_like(started))
+
+
+@dataclass(eq=False)
+class LbfgsState(BatchState):
+    """LBFGS memory, newest last: steps s and force changes y (N, memory, 3), the previous positions r0 and
+    forces f0 (N, 3) per atom; rho (S, memory), history length and started flag per system."""
+
+    s: torch.Tensor = per_atom()
+    y: torch.Tensor = per_atom()
+    r0: torch.Tensor = per_atom()
+    f0: torch.Tensor = per_atom()
+    rho: torch.Tensor = per_system()
+    n_hist: torch.Tensor = per_system()
+    started: torch.Tensor = per_system()
 
 
 @dataclass(frozen=True)
@@ -122,32 +119,41 @@ class LBFGS:
     damping: float = 1.0
     maxstep: float = 0.2
 
-    def init(self, n_atoms: int, *, device: torch.device) -> OptimizerState:
+    def init(self, state: BatchState) -> LbfgsState:
+        n_atoms, n_systems, device = len(state.positions), state.n_systems, state.device
         f64 = {"dtype": torch.float64, "device": device}
-        return OptimizerState(
-            atom={"s": torch.zeros(n_atoms, self.memory, 3, **f64), "y": torch.zeros(n_atoms, self.memory, 3, **f64),
-                  "r0": torch.zeros(n_atoms, 3, **f64), "f0": torch.zeros(n_atoms, 3, **f64)},
-            system={"rho": torch.zeros(1, self.memory, **f64),
-                    "n_hist": torch.zeros(1, dtype=torch.long, device=device),
-                    "started": torch.zeros(1, dtype=torch.bool, device=device)},
+        return LbfgsState(
+            **vars(state.structure()),
+            s=torch.zeros(n_atoms, self.memory, 3, **f64), y=torch.zeros(n_atoms, self.memory, 3, **f64),
+            r0=torch.zeros(n_atoms, 3, **f64), f0=torch.zeros(n_atoms, 3, **f64),
+            rho=torch.zeros(n_systems, self.memory, **f64),
+            n_hist=torch.zeros(n_systems, dtype=torch.long, device=device),
+            started=torch.zeros(n_systems, dtype=torch.bool, device=device),
         )
 
-    def step(self, positions, forces, system_idx, n_systems, state):
-        started = state.system["started"]
+    def step(self, state: LbfgsState, forces: torch.Tensor) -> LbfgsState:
+        positions, system_idx, n_systems, started = state.positions, state.system_idx, state.n_systems, state.started
         atom_started = started[system_idx, None]
-        s_new = torch.where(atom_started, positions - state.atom["r0"], torch.zeros_like(positions))
-        y_new = torch.where(atom_started, state.atom["f0"] - forces, torch.zeros_like(forces))
+        s_new = torch.where(atom_started, positions - state.r0, torch.zeros_like(positions))
+        y_new = torch.where(atom_started, state.f0 - forces, torch.zeros_like(forces))
         ys = segment_sum((y_new * s_new).sum(1), system_idx, n_systems)
         rho_new = torch.where(started & (ys != 0), 1 / torch.where(ys != 0, ys, torch.ones_like(ys)),
                               torch.zeros_like(ys))
-        s_hist = torch.cat([state.atom["s"][:, 1:], s_new[:, None]], dim=1)
-        y_hist = torch.cat([state.atom["y"][:, 1:], y_new[:, None]], dim=1)
-        rho = torch.cat([state.system["rho"][:, 1:], rho_new[:, None]], dim=1)
-        n_hist = torch.where(started, (state.system["n_hist"] + 1).clamp_max(self.memory), state.system["n_hist"])
+        state = state.replace(
+            s=torch.cat([state.s[:, 1:], s_new[:, None]], dim=1), y=torch.cat([state.y[:, 1:], y_new[:, None]], dim=1),
+            rho=torch.cat([state.rho[:, 1:], rho_new[:, None]], dim=1), r0=positions, f0=forces,
+            n_hist=torch.where(started, (state.n_hist + 1).clamp_max(self.memory), state.n_hist),
+            started=torch.ones_like(started))
+        step = -self._inverse_hessian_times(state, -forces)
+        longest = segment_max(step.norm(dim=1), system_idx, n_systems)
+        scale = torch.where(longest >= self.maxstep, self.maxstep / longest.clamp_min(1e-300),
+                            torch.ones_like(longest))
+        return state.replace(positions=moved(state, step * scale[system_idx, None] * self.damping))
 
-        # Two-loop recursion over the slots some system uses (one small host read).
-        used = int(n_hist.max()) if n_systems else 0
-        q = -forces
+    def _inverse_hessian_times(self, state: LbfgsState, q: torch.Tensor) -> torch.Tensor:
+        """Two-loop recursion over the history slots some system uses (one small host read)."""
+        system_idx, n_systems, s_hist, y_hist, rho = state.system_idx, state.n_systems, state.s, state.y, state.rho
+        used = int(state.n_hist.max()) if n_systems else 0
         coefficients = []
         for i in range(self.memory - 1, self.memory - used - 1, -1):
             coef = rho[:, i] * segment_sum((s_hist[:, i] * q).sum(1), system_idx, n_systems)
@@ -157,16 +163,7 @@ class LBFGS:
         for i, coef in zip(range(self.memory - used, self.memory), reversed(coefficients)):
             b = rho[:, i] * segment_sum((y_hist[:, i] * z).sum(1), system_idx, n_systems)
             z = z + s_hist[:, i] * (coef - b)[system_idx, None]
-        step = -z
-        longest = segment_max(step.norm(dim=1), system_idx, n_systems)
-        scale = torch.where(longest >= self.maxstep, self.maxstep / longest.clamp_min(1e-300),
-                            torch.ones_like(longest))
-        dr = step * scale[system_idx, None] * self.damping
-        new_state = OptimizerState(
-            {"s": s_hist, "y": y_hist, "r0": positions, "f0": forces},
-            {"rho": rho, "n_hist": n_hist, "started": torch.ones_like(started)},
-        )
-        return positions + dr, new_state
+        return z
 
 
 OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS}

@@ -17,10 +17,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from ase import Atoms
 
-from kdaug.data.batch import make_batch
+from kdaug.data.convert import fixed_mask
 from kdaug.models.protocol import AtomisticModel
-from kdaug.relax.optimizers import OPTIMIZERS, Optimizer, OptimizerState, segment_max
+from kdaug.relax.optimizers import OPTIMIZERS, Optimizer
+from kdaug.state import BatchState, segment_max, split_atoms
 
 logger = logging.getLogger(__name__)
 OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -28,7 +30,8 @@ OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryErro
 
 @dataclass
 class RelaxTask:
-    """A system to relax: positions (n,3) A, atomic_numbers (n,), cell (3,3) A, tags (n,), fixed (n,) bool."""
+    """A system to relax, a label-less frame: positions (n,3) A, atomic_numbers (n,), cell (3,3) A, tags (n,),
+    fixed (n,) bool; `payload` rides along untouched. Build it with `RelaxTask.from_atoms`."""
 
     sid: int
     positions: np.ndarray
@@ -37,6 +40,13 @@ class RelaxTask:
     tags: np.ndarray
     fixed: np.ndarray
     payload: Any = None
+
+    @classmethod
+    def from_atoms(cls, atoms: Atoms, *, sid: int, payload: Any = None) -> RelaxTask:
+        """The structure of `atoms` (copied): tags from `atoms`, fixed atoms from its FixAtoms constraints."""
+        return cls(sid=int(sid), positions=np.array(atoms.positions, dtype=np.float64),
+                   atomic_numbers=np.array(atoms.numbers, dtype=np.int64), cell=np.array(atoms.cell, dtype=np.float64),
+                   tags=np.array(atoms.get_tags(), dtype=np.int64), fixed=fixed_mask(atoms), payload=payload)
 
     @property
     def n_atoms(self) -> int:
@@ -66,10 +76,41 @@ class RelaxResult:
 
 @dataclass
 class _Active:
+    """Host bookkeeping of one system in the batch."""
+
     task: RelaxTask
     energies: list[float] = field(default_factory=list)
     kept: list[StepRecord] = field(default_factory=list)
     n_steps: int = 0
+
+
+@dataclass
+class _Flight:
+    """The systems in the batch: `entries[k]` is system k of `state` (the optimizer's; None before the first)."""
+
+    entries: list[_Active] = field(default_factory=list)
+    state: BatchState | None = None
+
+
+class _Queue:
+    """The tasks not yet in the batch, with a look at the next one."""
+
+    def __init__(self, tasks: Iterable[RelaxTask]) -> None:
+        self._tasks = iter(tasks)
+        self._next: RelaxTask | None = None
+
+    def peek(self) -> RelaxTask | None:
+        if self._next is None:
+            self._next = next(self._tasks, None)
+        return self._next
+
+    def pop(self) -> RelaxTask:
+        task, self._next = self.peek(), None
+        return task
+
+
+def _keep_all(task: RelaxTask, step: int) -> bool:
+    return True
 
 
 class BatchedRelaxer:
@@ -99,134 +140,102 @@ class BatchedRelaxer:
         self.dtype = model.dtype
         self.on_step = on_step
 
+    def run(self, tasks: Iterable[RelaxTask], keep: Callable[[RelaxTask, int], bool] = _keep_all,
+            ) -> Iterator[RelaxResult]:
+        """Yield each system's result as soon as it finishes (completion order, not input order).
+
+        `keep(task, step)` says which evaluations go into `RelaxResult.kept`.
+        """
+        queue, flight = _Queue(tasks), _Flight()
+        while self._refill(flight, queue):
+            energy, forces = self._evaluate(flight.state.structure())
+            if self.on_step is not None:
+                self.on_step(flight.state.n_systems, len(flight.state.positions))
+            free_forces = forces.masked_fill(flight.state.fixed[:, None], 0.0)
+            fmax = segment_max(free_forces.norm(dim=1), flight.state.system_idx, flight.state.n_systems)
+            summary = torch.stack([energy, fmax]).cpu().numpy()  # the one host read per step
+            results, forces = self._retire(flight, summary, forces, keep)
+            yield from results
+            if flight.entries:
+                flight.state = self.optimizer.step(flight.state, forces.masked_fill(flight.state.fixed[:, None], 0.0))
+                for entry in flight.entries:
+                    entry.n_steps += 1
+
+    # -- the steps of `run` ----------------------------------------------------------------
+    def _refill(self, flight: _Flight, queue: _Queue) -> bool:
+        """Move waiting tasks into the batch while it has room; False when no work is left."""
+        joined: list[RelaxTask] = []
+        n_atoms = sum(entry.task.n_atoms for entry in flight.entries)
+        while len(flight.entries) + len(joined) < self.max_systems and (task := queue.peek()) is not None:
+            if self.max_atoms is not None and (flight.entries or joined) and n_atoms + task.n_atoms > self.max_atoms:
+                break
+            joined.append(queue.pop())
+            n_atoms += task.n_atoms
+        if joined:
+            self.model.check_elements(np.unique(np.concatenate([t.atomic_numbers for t in joined])))
+            fresh = self.optimizer.init(BatchState.from_frames(joined, device=self.device))
+            flight.state = fresh if flight.state is None else type(fresh).concat([flight.state, fresh])
+            flight.entries += [_Active(t) for t in joined]
+        return bool(flight.entries)
+
+    def _retire(self, flight: _Flight, summary: np.ndarray, forces: torch.Tensor,
+                keep: Callable[[RelaxTask, int], bool]) -> tuple[list[RelaxResult], torch.Tensor]:
+        """Record this evaluation (summary: (2, S) energy, fmax on the host; raw forces (N,3)) and take
+        finished systems out of the batch; returns their results and the forces of the systems that stay."""
+        finished = np.zeros(len(flight.entries), dtype=bool)
+        kept = np.zeros(len(flight.entries), dtype=bool)
+        for k, entry in enumerate(flight.entries):
+            energy, fmax = float(summary[0, k]), float(summary[1, k])
+            entry.energies.append(energy)
+            finite = np.isfinite(energy) and np.isfinite(fmax)
+            finished[k] = not finite or fmax < self.fmax or entry.n_steps >= self.max_steps
+            kept[k] = keep(entry.task, entry.n_steps)
+        results = []
+        for k, record in self._records(flight, forces, finished | kept).items():
+            entry = flight.entries[k]
+            if kept[k]:
+                entry.kept.append(record)
+            if finished[k]:
+                results.append(RelaxResult(
+                    task=entry.task, kept=entry.kept, final=record, energies=entry.energies, n_steps=entry.n_steps,
+                    converged=bool(summary[1, k] < self.fmax), finite=bool(np.isfinite(summary[:, k]).all())))
+        if finished.any():
+            stay = torch.as_tensor(~finished, device=self.device)
+            forces = forces[stay[flight.state.system_idx]]
+            flight.state = flight.state.select(stay)
+            flight.entries = [entry for entry, done in zip(flight.entries, finished) if not done]
+        return results, forces
+
+    def _records(self, flight: _Flight, forces: torch.Tensor, wanted: np.ndarray) -> dict[int, StepRecord]:
+        """StepRecords of the `wanted` systems at this evaluation, copied to the host in one transfer."""
+        if not wanted.any():
+            return {}
+        atom_mask = torch.as_tensor(wanted, device=self.device)[flight.state.system_idx]
+        host = torch.cat([flight.state.positions[atom_mask], forces[atom_mask]], dim=1).cpu().numpy()
+        indices = np.flatnonzero(wanted)
+        parts = split_atoms(host, [flight.entries[k].task.n_atoms for k in indices])
+        return {int(k): StepRecord(flight.entries[k].n_steps, part[:, :3], flight.entries[k].energies[-1], part[:, 3:])
+                for k, part in zip(indices, parts)}
+
     # -- model evaluation with OOM back-off ----------------------------------------------
-    def _evaluate(self, pos, numbers, cell, natoms, tags, fixed) -> tuple[torch.Tensor, torch.Tensor]:
-        n_systems = len(natoms)
+    def _evaluate(self, structure: BatchState) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energy (S,) eV and forces (N,3) eV/A in float64; on out-of-memory, halve `max_systems` and retry."""
+        n_systems = structure.n_systems
         if n_systems > self.max_systems:
-            return self._evaluate_in_chunks(pos, numbers, cell, natoms, tags, fixed)
-        batch = make_batch(pos.to(self.dtype), numbers, cell, natoms, tags, fixed)
+            return self._evaluate_in_chunks(structure)
         try:
             with torch.no_grad():
-                out = self.model(batch)
+                out = self.model(structure.to_batch(dtype=self.dtype))
             return out.energy.detach().double(), out.forces.detach().double()
         except OutOfMemoryError:
             if n_systems == 1:
                 raise
             self.max_systems = n_systems // 2
             logger.warning("out of memory with %d systems; batch limit now %d", n_systems, self.max_systems)
-            return self._evaluate_in_chunks(pos, numbers, cell, natoms, tags, fixed)
+            return self._evaluate_in_chunks(structure)
 
-    def _evaluate_in_chunks(self, pos, numbers, cell, natoms, tags, fixed) -> tuple[torch.Tensor, torch.Tensor]:
-        bounds = [0, *torch.cumsum(natoms, 0).tolist()]
-        parts = []
-        for first in range(0, len(natoms), self.max_systems):
-            last = min(first + self.max_systems, len(natoms))
-            atoms = slice(bounds[first], bounds[last])
-            parts.append(self._evaluate(pos[atoms], numbers[atoms], cell[first:last], natoms[first:last],
-                                        tags[atoms], fixed[atoms]))
+    def _evaluate_in_chunks(self, structure: BatchState) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.max_systems
+        chunk = torch.arange(structure.n_systems, device=self.device) // size
+        parts = [self._evaluate(structure.select(chunk == c)) for c in range(-(-structure.n_systems // size))]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-
-    # -- main loop ------------------------------------------------------------------------
-    def run(self, tasks: Iterable[RelaxTask], keep: Callable[[RelaxTask, int], bool] = lambda task, step: True,
-            ) -> Iterator[RelaxResult]:
-        """Yield each system's result as soon as it finishes (completion order, not input order).
-
-        `keep(task, step)` says which evaluations go into `RelaxResult.kept`.
-        """
-        pending = iter(tasks)
-        waiting: RelaxTask | None = None
-        exhausted = False
-        active: list[_Active] = []
-        dev = self.device
-        pos = torch.zeros(0, 3, dtype=torch.float64, device=dev)
-        numbers = torch.zeros(0, dtype=torch.long, device=dev)
-        tags = torch.zeros(0, dtype=torch.long, device=dev)
-        fixed = torch.zeros(0, dtype=torch.bool, device=dev)
-        cell = torch.zeros(0, 3, 3, dtype=torch.float64, device=dev)
-        natoms = torch.zeros(0, dtype=torch.long, device=dev)
-        opt_state = OptimizerState()
-
-        while True:
-            # Refill: take waiting systems while the batch has room.
-            joined = []
-            n_atoms = int(sum(a.task.n_atoms for a in active))
-            while not exhausted and len(active) + len(joined) < self.max_systems:
-                if waiting is None:
-                    waiting = next(pending, None)
-                    if waiting is None:
-                        exhausted = True
-                        break
-                if (self.max_atoms is not None and active + joined and
-                        n_atoms + waiting.n_atoms > self.max_atoms):
-                    break
-                joined.append(waiting)
-                n_atoms += waiting.n_atoms
-                waiting = None
-            if joined:
-                self.model.check_elements(np.unique(np.concatenate([t.atomic_numbers for t in joined])))
-                active += [_Active(t) for t in joined]
-                pos = torch.cat([pos, *(torch.as_tensor(t.positions, dtype=torch.float64, device=dev) for t in joined)])
-                numbers = torch.cat([numbers, *(torch.as_tensor(t.atomic_numbers, device=dev).long() for t in joined)])
-                tags = torch.cat([tags, *(torch.as_tensor(t.tags, device=dev).long() for t in joined)])
-                fixed = torch.cat([fixed, *(torch.as_tensor(t.fixed, device=dev).bool() for t in joined)])
-                cell = torch.cat([cell, *(torch.as_tensor(t.cell, dtype=torch.float64, device=dev)[None]
-                                          for t in joined)])
-                natoms = torch.cat([natoms, torch.tensor([t.n_atoms for t in joined], device=dev)])
-                opt_state = OptimizerState.concat([opt_state, *(self.optimizer.init(t.n_atoms, device=dev)
-                                                                for t in joined)])
-            if not active:
-                return
-
-            n_systems = len(active)
-            system_idx = torch.repeat_interleave(torch.arange(n_systems, device=dev), natoms)
-            energy, forces = self._evaluate(pos, numbers, cell, natoms, tags, fixed)
-            if self.on_step is not None:
-                self.on_step(n_systems, int(pos.shape[0]))
-            free_forces = forces.masked_fill(fixed[:, None], 0.0)
-            fmax = segment_max(free_forces.norm(dim=1), system_idx, n_systems)
-            summary = torch.stack([energy, fmax]).cpu().numpy()  # the one host read per step
-
-            finished = np.zeros(n_systems, dtype=bool)
-            wanted = np.zeros(n_systems, dtype=bool)
-            for k, entry in enumerate(active):
-                e_k, fmax_k = float(summary[0, k]), float(summary[1, k])
-                entry.energies.append(e_k)
-                finite = np.isfinite(e_k) and np.isfinite(fmax_k)
-                finished[k] = (not finite) or fmax_k < self.fmax or entry.n_steps >= self.max_steps
-                wanted[k] = finished[k] or keep(entry.task, entry.n_steps)
-            if wanted.any():
-                bounds = np.concatenate([[0], np.cumsum([a.task.n_atoms for a in active])])
-                rows = torch.as_tensor(np.concatenate([np.arange(bounds[k], bounds[k + 1])
-                                                       for k in np.flatnonzero(wanted)]), device=dev)
-                host = torch.cat([pos[rows], forces[rows]], dim=1).cpu().numpy()
-                offset = 0
-                for k in np.flatnonzero(wanted):
-                    entry = active[k]
-                    n = entry.task.n_atoms
-                    record = StepRecord(entry.n_steps, host[offset:offset + n, :3], entry.energies[-1],
-                                        host[offset:offset + n, 3:])
-                    offset += n
-                    if keep(entry.task, entry.n_steps):
-                        entry.kept.append(record)
-                    if finished[k]:
-                        yield RelaxResult(
-                            task=entry.task, kept=entry.kept, final=record, energies=entry.energies,
-                            n_steps=entry.n_steps, converged=bool(summary[1, k] < self.fmax),
-                            finite=bool(np.isfinite(summary[:, k]).all()),
-                        )
-            if finished.any():
-                stay = torch.as_tensor(~finished, device=dev)
-                atom_stay = stay[system_idx]
-                active = [a for a, done in zip(active, finished) if not done]
-                pos, numbers, tags, fixed = pos[atom_stay], numbers[atom_stay], tags[atom_stay], fixed[atom_stay]
-                cell, natoms = cell[stay], natoms[stay]
-                free_forces = free_forces[atom_stay]
-                opt_state = opt_state.select(atom_stay, stay)
-                n_systems = len(active)
-                system_idx = torch.repeat_interleave(torch.arange(n_systems, device=dev), natoms)
-            if not active:
-                continue
-            new_pos, opt_state = self.optimizer.step(pos, free_forces, system_idx, n_systems, opt_state)
-            pos = torch.where(fixed[:, None], pos, new_pos)
-            for entry in active:
-                entry.n_steps += 1

@@ -61,6 +61,14 @@ class Distributed:
             dist.all_reduce(param.grad)
             param.grad /= self.world_size
 
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(world_size, ...) stack of every rank's `tensor` (same shape on all ranks)."""
+        if self.world_size == 1:
+            return tensor[None]
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.stack(parts)
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

@@ -12,7 +12,8 @@ Run directory (`--out`)::
       student.pt         the exported student (EMA weights), a fairchem v1 checkpoint
       log.jsonl          one line per --log-every steps ({"step", "loss", ...}) and per validation
       curves.png         learning curves, written at the end
-      visits.rankR.npy   how often rank R drew each training sample (DFT first, then synthetic)
+      visits.rankR.npy   how often rank R drew each training sample (DFT first, then synthetic),
+                         written at the end (checkpoint.pt holds them for resuming)
 
 Under torchrun every rank trains on its own disjoint part of each epoch and gradients are
 averaged across ranks; rank 0 writes the files.
@@ -151,12 +152,15 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             saved_config.write_text(json.dumps(options, indent=1))
             _truncate_log(self.out / "log.jsonl", self.step)
+            if self.step:
+                self._log({"step": self.step, "epoch": self.epoch, "resumed": True})
 
     def _state(self) -> dict:
         return {"student": self.student.state_dict(), "head": self.head.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "step": self.step, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "config": _jsonable(self.config)}
+                "batch_in_epoch": self.batch_in_epoch, "config": _jsonable(self.config),
+                "visits": self.dist.gather(torch.from_numpy(self.visits)).numpy()}
 
     def _load(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
@@ -166,9 +170,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        visits = self.out / f"visits.rank{self.dist.rank}.npy"
-        if visits.is_file():
-            self.visits = np.load(visits)
+        if len(state["visits"]) == self.dist.world_size:  # counts per rank of this world size
+            self.visits = state["visits"][self.dist.rank].copy()
 
     # -- one step -----------------------------------------------------------------------
     def _targets(self, batch) -> kd.TeacherTargets | None:
@@ -258,9 +261,9 @@ class Trainer:
         return metrics
 
     def save(self) -> None:
+        state = self._state()  # a collective call: every rank takes part
         if self.dist.is_main:
-            atomic_save(self._state(), self.out / "checkpoint.pt")
-        np.save(self.out / f"visits.rank{self.dist.rank}.npy", self.visits)
+            atomic_save(state, self.out / "checkpoint.pt")
         self.dist.barrier()
 
     def finish(self) -> dict:
@@ -274,6 +277,7 @@ class Trainer:
             if metrics is not None:
                 summary["val"] = metrics
             plot_curves(self.out / "log.jsonl", self.out / "curves.png")
+        np.save(self.out / f"visits.rank{self.dist.rank}.npy", self.visits)
         self.dist.barrier()
         return summary
 
