@@ -27,7 +27,6 @@ from ase.build import bulk
 
 from kdaug.cli.main import main
 from kdaug.data.convert import frame_to_data
-from kdaug.data.entries import decode_entry
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
 from kdaug.errors import KdaugError
 from kdaug.generate import GenerateConfig, run_generate
@@ -299,6 +298,8 @@ def test_bad_later_entry_is_one_line_naming_file_key_and_field(tmp_path):
     ],
 )
 def test_entry_validation_names_the_field(name, value, field):
+    from kdaug.data.entries import decode_entry
+
     data = frame_to_data(emt_frames(1)[0])
     data[name] = value
     with pytest.raises(KdaugError, match=r"^x.lmdb: entry 7 is not a structure frame \(") as raised:
