@@ -57,7 +57,14 @@ def load_model(
     from kdaug.models import ase_calc
     from kdaug.models.fairchem_v1 import FairchemModel, build_fairchem_model, model_config_from_checkpoint
 
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        msg = f"--device {device}: expected cpu, cuda or cuda:N"
+        raise KdaugError(msg)
+    if kind == "cuda" and not torch.cuda.is_available():
         msg = f"--device {device}: no CUDA device is available here (use --device cpu)"
         raise KdaugError(msg)
     name = str(name_or_config) if name_or_config is not None else None
