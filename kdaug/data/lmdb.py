@@ -343,6 +343,32 @@ def _open_readonly(path: Path) -> lmdb.Environment:
     return lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False)
 
 
+# py-lmdb refuses to open one file twice in a process, so readers of the same file (a training set and
+# a validation set naming one LMDB, two datasets over one path) share one environment, counted per user.
+_SHARED: dict[tuple[int, Path], list] = {}
+
+
+def _acquire(file: Path) -> lmdb.Environment:
+    """The process's read-only environment of `file` (opened on first use)."""
+    key = (os.getpid(), file.resolve())
+    if key not in _SHARED:
+        _SHARED[key] = [_open_checked(file), 0]
+    _SHARED[key][1] += 1
+    return _SHARED[key][0]
+
+
+def _release(file: Path) -> None:
+    """Give back one `_acquire`; the environment closes with its last user."""
+    key = (os.getpid(), file.resolve())
+    entry = _SHARED.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        entry[0].close()
+        del _SHARED[key]
+
+
 def lmdb_files(path: str | os.PathLike) -> list[Path]:
     """The LMDB files behind `path` (a file, or a directory of *.lmdb), checked to be whole and to hold frames.
 
@@ -359,11 +385,13 @@ def lmdb_files(path: str | os.PathLike) -> list[Path]:
         raise KdaugError(msg)
     for file in files:
         check_lmdb_file(file)
-        env = _open_checked(file)
-        with env.begin() as txn:
-            if _stored_length(txn, env, file):
-                decode_entry(file, "0", _get(txn, b"0", file))
-        env.close()
+        env = _acquire(file)
+        try:
+            with env.begin() as txn:
+                if _stored_length(txn, env, file):
+                    decode_entry(file, "0", _get(txn, b"0", file))
+        finally:
+            _release(file)
     return files
 
 
@@ -394,10 +422,12 @@ class FrameDataset(torch.utils.data.Dataset):
         self.files = lmdb_files(self.path)
         lengths = []
         for file in self.files:
-            env = _open_checked(file)
-            with env.begin() as txn:
-                lengths.append(_stored_length(txn, env, file))
-            env.close()
+            env = _acquire(file)
+            try:
+                with env.begin() as txn:
+                    lengths.append(_stored_length(txn, env, file))
+            finally:
+                _release(file)
         self.lengths = lengths
         self._offsets = np.cumsum([0, *lengths])
         self._envs: list[lmdb.Environment] | None = None
@@ -408,7 +438,7 @@ class FrameDataset(torch.utils.data.Dataset):
 
     def _environments(self) -> list[lmdb.Environment]:
         if self._envs is None or self._pid != os.getpid():
-            self._envs = [_open_checked(f) for f in self.files]
+            self._envs = [_acquire(f) for f in self.files]
             self._pid = os.getpid()
         return self._envs
 
@@ -466,9 +496,10 @@ class FrameDataset(torch.utils.data.Dataset):
         return frozenset(elements)
 
     def close(self) -> None:
-        """Close the environments (py-lmdb allows one open handle per file and process)."""
-        for env in self._envs or []:
-            env.close()
+        """Give back the environments (closed when no other reader in this process uses them)."""
+        if self._envs is not None and self._pid == os.getpid():
+            for file in self.files:
+                _release(file)
         self._envs = None
 
     def __getstate__(self) -> dict[str, Any]:
