@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import signal
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -184,7 +185,9 @@ def iter_systems(sampler: SystemSampler, sids: Sequence[int], *, num_workers: in
     import multiprocess
 
     window = 4 * num_workers
-    with multiprocess.get_context("spawn").Pool(num_workers) as pool:
+    # Workers ignore SIGINT: Ctrl-C reaches the whole process group, and only the parent reports it.
+    with multiprocess.get_context("spawn").Pool(num_workers, initializer=signal.signal,
+                                                initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
         queue: list = []
         sid_iter = iter(sids)
         for sid in sid_iter:
