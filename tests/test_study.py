@@ -196,3 +196,26 @@ def test_bulk_databases_hold_only_the_asked_elements(tmp_path, study_yaml):
                                                   "data.generate.elements": ("Cu", "Xx")})
     with pytest.raises(KdaugError, match="data.generate.elements: Xx: expected element symbols"):
         Study(bad, progress=False).ground_truth()
+
+
+def test_made_data_is_made_once_and_refused_when_options_change_or_nothing_was_kept(tmp_path, study_yaml):
+    from kdaug.errors import KdaugError
+    from kdaug.perturb.rattle import RattleConfig
+    from kdaug.study.runner import Study
+
+    study = Study(load_config(StudyConfig, [study_yaml], {"out": str(tmp_path / "out")}), progress=False)
+    calls = []
+
+    def make(config, progress):
+        calls.append(config)
+        Path(config.out).mkdir(parents=True)
+        return {"written": 3}
+
+    config = RattleConfig(input=str(tmp_path / "in"), out=str(tmp_path / "r"), sigma=0.05)
+    assert study._make("extra.rattle_copies", config, make) == str(tmp_path / "r")
+    assert study._make("extra.rattle_copies", config, make) == str(tmp_path / "r") and len(calls) == 1
+    with pytest.raises(KdaugError, match=r"^extra.rattle_copies: .*/r was made with other options; delete it"):
+        study._make("extra.rattle_copies", RattleConfig(input=config.input, out=config.out, sigma=0.1), make)
+    empty = RattleConfig(input=config.input, out=str(tmp_path / "empty"))
+    with pytest.raises(KdaugError, match=r'holds no frames \({"written": 0}\)'):
+        study._make("extra.rattle_copies", empty, lambda c, progress: make(c, progress) and {"written": 0})

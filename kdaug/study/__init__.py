@@ -18,5 +18,5 @@ Study folder (`out`)::
       cka/                        teacher-student CKA of the baseline and each run's gain over it
 
 Rerunning skips finished runs (result.json with the same options); a killed run resumes from its
-checkpoint (kdaug train), the generators resume their LMDBs.
+checkpoint (kdaug train), the generators resume their LMDBs; a data folder is made once (done.json).
 """

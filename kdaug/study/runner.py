@@ -55,12 +55,24 @@ class Study:
         self.started = time.perf_counter()
 
     # -- data ---------------------------------------------------------------------------
-    def _generate(self, folder: Path, config: GenerateConfig) -> str:
-        """Run (or resume) one generate call into `folder`, skipped once its done marker exists."""
+    def _make(self, option: str, config, make) -> str:
+        """Run (or resume) one generator `make(config, progress=)` into `config.out` once: done.json records the
+        options and counts; a folder made with other options, or holding no frames, is a one-line error
+        naming the study `option`."""
+        folder = Path(config.out)
         done = folder / "done.json"
-        if not done.is_file():
-            counts = run_generate(config, progress=self.progress)
-            _write_json(done, {"counts": counts})
+        options = json.loads(json.dumps(dataclasses.asdict(config)))
+        if done.is_file():
+            record = json.loads(done.read_text())
+            if record["config"] != options:
+                raise KdaugError(f"{option}: {folder} was made with other options; delete it to make it anew")
+        else:
+            record = {"config": options, "counts": make(config, progress=self.progress)}
+            _write_json(done, record)
+        counts = record["counts"]
+        if not counts.get("frames", counts.get("written")):
+            raise KdaugError(f"{option}: {folder} holds no frames ({json.dumps(counts)}); change the options "
+                             "and delete the folder")
         return str(folder)
 
     def ground_truth(self) -> tuple[tuple[str, ...], dict[str, str]]:
@@ -74,12 +86,12 @@ class Study:
             common["bulk_db"] = self._bulk_db(_atomic_numbers(gen.elements))
         if gen.train_systems:
             folder = self.out / "data" / "dft-train"
-            train.append(self._generate(folder, GenerateConfig(n_systems=gen.train_systems, out=str(folder),
-                                                               seed=gen.seed, **common)))
+            train.append(self._make("data.generate.train_systems", GenerateConfig(
+                n_systems=gen.train_systems, out=str(folder), seed=gen.seed, **common), run_generate))
         if gen.val_systems:
             folder = self.out / "data" / "dft-val"
-            val["generated"] = self._generate(folder, GenerateConfig(n_systems=gen.val_systems, out=str(folder),
-                                                                     seed=gen.seed + 1, **common))
+            val["generated"] = self._make("data.generate.val_systems", GenerateConfig(
+                n_systems=gen.val_systems, out=str(folder), seed=gen.seed + 1, **common), run_generate)
         for path in self.config.data.val:
             name = Path(path).name.removesuffix(".lmdb") or str(path)
             val[name if name not in val else f"{name}-{len(val)}"] = path
@@ -99,25 +111,23 @@ class Study:
         if source == "generate":
             gen = config.data.generate
             bulks = self._bulks_like(train)
-            return (self._generate(folder, GenerateConfig(
+            return (self._make("extra.generate_systems", GenerateConfig(
                 n_systems=extra.generate_systems, out=str(folder), seed=gen.seed + 2, bulk_db=bulks,
                 adsorbate_ids=gen.adsorbate_ids, max_miller=gen.max_miller, fmax=gen.fmax,
                 max_steps=extra.generate_max_steps, frame_fraction=extra.generate_frame_fraction,
-                num_workers=0, **teacher)),)
+                num_workers=0, **teacher), run_generate),)
         paths = []
         for i, path in enumerate(train):
-            part = folder / f"part{i}"
-            if not (part / "done.json").is_file():
-                if source == "rattle":
-                    counts = run_rattle(RattleConfig(input=path, out=str(part), sigma=extra.rattle_sigma,
-                                                     copies=extra.rattle_copies, **teacher), progress=self.progress)
-                else:
-                    baseline = self.out / RunSpec(BASELINE, config.seeds[0]).folder / "student.pt"
-                    counts = run_adversarial(AdversarialConfig(
-                        input=path, out=str(part), student=str(baseline), steps=extra.adversarial_steps,
-                        alpha=extra.adversarial_alpha, **teacher), progress=self.progress)
-                _write_json(part / "done.json", {"counts": counts})
-            paths.append(str(part))
+            part = str(folder / f"part{i}")
+            if source == "rattle":
+                paths.append(self._make("extra.rattle_copies", RattleConfig(
+                    input=path, out=part, sigma=extra.rattle_sigma, copies=extra.rattle_copies, **teacher),
+                    run_rattle))
+            else:
+                baseline = self.out / RunSpec(BASELINE, config.seeds[0]).folder / "student.pt"
+                paths.append(self._make("extra.adversarial_steps", AdversarialConfig(
+                    input=path, out=part, student=str(baseline), steps=extra.adversarial_steps,
+                    alpha=extra.adversarial_alpha, **teacher), run_adversarial))
         return tuple(paths)
 
     def _bulks_like(self, train: Sequence[str]) -> str:
