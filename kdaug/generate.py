@@ -24,6 +24,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -34,9 +35,10 @@ from kdaug.config import check_values, option, shard_from_environment
 from kdaug.data.lmdb import LmdbWriter
 from kdaug.errors import KdaugError
 from kdaug.models import AtomisticModel, load_teacher
+from kdaug.models.fairchem_v1 import sha256_of
 from kdaug.relax.optimizers import OPTIMIZERS
 from kdaug.relax.runner import BatchedRelaxer, ReadyTasks, RelaxResult, RelaxTask
-from kdaug.sampling.oc import PLACEMENT_MODES, SamplerConfig, SystemSampler, iter_systems
+from kdaug.sampling.oc import DEFAULT_BULK_DB, PLACEMENT_MODES, SamplerConfig, SystemSampler, iter_systems
 from kdaug.types import Frame, Provenance
 
 logger = logging.getLogger(__name__)
@@ -51,6 +53,10 @@ PRECISIONS = ("fp32", "tf32")
 @dataclass(frozen=True)
 class GenerateConfig:
     """Options of `kdaug generate` (flags and recipe YAML keys; units in the fields' metadata)."""
+
+    # Options that shape the data: a resume must keep them (with the teacher and bulk database hashes).
+    DATA_KEYS: ClassVar[tuple[str, ...]] = ("seed", "teacher", "frame_fraction", "fmax", "optimizer", "max_steps",
+                                            "adsorbate_ids", "placement", "max_miller", "precision")
 
     n_systems: int = option(help="number of systems in the whole dataset (all shards)")
     out: str = option(help="output directory (resumed if it holds a previous run)")
@@ -265,7 +271,10 @@ def run_generate(config: GenerateConfig, *, progress: bool = True, on_step=None)
         creation_args = {**dataclasses.asdict(config), "teacher_name": teacher.name,
                          "teacher_sha256": teacher.checkpoint_sha256, "shard_index": shard_index,
                          "num_shards": num_shards}
-        writer = LmdbWriter(config.out, stem=stem, creation_args=creation_args)
+        data_options = {**{key: getattr(config, key) for key in GenerateConfig.DATA_KEYS},
+                        "teacher_sha256": teacher.checkpoint_sha256, "num_shards": num_shards,
+                        "bulk_db_sha256": sha256_of(config.bulk_db or DEFAULT_BULK_DB)}
+        writer = LmdbWriter(config.out, stem=stem, creation_args=creation_args, data_options=data_options)
         done = writer.done_keys()
         sids = [sid for sid in range(shard_index, config.n_systems, num_shards) if str(sid) not in done]
         logger.info("shard %d/%d: %d systems to do, %d already done", shard_index, num_shards, len(sids), len(done))

@@ -180,3 +180,14 @@ def test_fingerprint_names_the_data_not_the_directory(tmp_path, frames):
     prints = {name: FrameDataset(tmp_path / name).fingerprint() for name in "abc"}
     assert prints["a"] == prints["b"]
     assert prints["a"] != prints["c"]
+
+
+def test_two_readers_of_one_file_in_one_process_share_it(tmp_path, frames):
+    with LmdbWriter(tmp_path / "a") as writer:
+        writer.write_batch(frames)
+    first, second = FrameDataset(tmp_path / "a"), FrameDataset(tmp_path / "a")
+    assert first.frame(1).sid == second.frame(1).sid
+    first.close()
+    assert second.frame(2).sid == frames[2].sid
+    second.close()
+    assert FrameDataset(tmp_path / "a").frame(0).sid == frames[0].sid

@@ -6,12 +6,13 @@ Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int | N
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
 
 from kdaug import __version__
-from kdaug.errors import KdaugError
+from kdaug.errors import KdaugError, write_error
 
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("generate", "kdaug.cli.generate", "sample adsorbate+slab systems, relax them with a teacher, write LMDBs"),
@@ -22,6 +23,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("train", "kdaug.cli.train", "train a student on DFT + synthetic data, with or without knowledge distillation"),
     ("evaluate", "kdaug.cli.evaluate", "energy/force MAE, force cosine, EFwT and speed of a model on LMDBs"),
     ("teacher-cache", "kdaug.cli.teacher_cache", "store a teacher's KD targets for frame LMDBs (for kdaug train)"),
+    ("study", "kdaug.cli.study", "run the paper's KD comparison (teacher, student, strategies, extra data) as a table"),
+    ("cka", "kdaug.cli.cka", "linear CKA between every teacher and student layer's node features on data"),
 )
 
 
@@ -56,9 +59,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(args._module.run(args) or 0)
-    except KdaugError as err:
+    except KeyboardInterrupt:
         if args.debug:
             raise
+        # Every commit is one transaction, so what was written is whole and a rerun resumes after it.
+        print(f"kdaug {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (KdaugError, OSError) as err:
+        if args.debug or (isinstance(err, OSError) and err.errno not in (errno.ENOSPC, errno.EDQUOT)):
+            raise
+        if isinstance(err, OSError):
+            err = write_error(err.filename or "output", err)
         print(f"kdaug {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -7,8 +7,10 @@ Tree written by `LmdbWriter(out_dir, stem="data")`:
                             b"length"      -> pickled int, number of frames in this file
                             b"kdaug:stats" -> pickled running statistics (for the manifest)
                             b"kdaug:done:<key>" -> markers of finished work units (resume)
+                            b"kdaug:options" -> JSON of the options that shape the data (resume check)
       data.0001.lmdb        a new file every `frames_per_file` frames
-      manifest.json         counts per origin, element histogram, creation args, versions
+      manifest.json         counts per origin, element histogram, creation args, data options, versions
+      .data.lock            flock held by the one writer of this stem (pid, host, command inside)
 
 A writer with another stem (one per generation shard) writes `<stem>.NNNN.lmdb`
 and `manifest.<stem>.json` into the same directory; fairchem reads every
@@ -18,11 +20,14 @@ loses at most the batch being written.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import pickle
 import re
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from importlib import metadata
@@ -35,12 +40,16 @@ import torch
 from torch_geometric.data import Batch, Data
 
 from kdaug.data.convert import data_to_frame, frame_to_data
-from kdaug.errors import KdaugError
+from kdaug.data.entries import decode_entry, entry_error
+from kdaug.data.lmdb_file import check_lmdb_file, damaged
+from kdaug.data.output_lock import OutputLock
+from kdaug.errors import KdaugError, write_error
 from kdaug.types import Frame
 
 LENGTH_KEY = b"length"
 STATS_KEY = b"kdaug:stats"
 DONE_PREFIX = b"kdaug:done:"
+OPTIONS_KEY = b"kdaug:options"
 _VERSIONED_PACKAGES = ("kdaug", "torch", "fairchem-core", "fairchem-data-oc", "ase", "chgnet", "lmdb")
 
 
@@ -71,12 +80,18 @@ def manifest_name(stem: str) -> str:
 class LmdbWriter:
     """Appends frames to `<out_dir>/<stem>.NNNN.lmdb`, resuming files that already exist.
 
+    Holds an exclusive lock on (out_dir, stem) while open: a second writer on the same output stops with
+    a `KdaugError` naming the holder. `data_options` are the options that shape the data (seed, teacher,
+    ...): the first transaction of each file records them, and resuming with different ones (or into
+    another stem of the directory made with different ones) is refused before anything is written.
+
     Args:
         out_dir: output directory (created if missing).
         stem: file name stem; one writer per stem at a time.
         frames_per_file: start a new file once the current one holds this many frames.
         map_size: initial LMDB map size in bytes; doubled whenever a batch does not fit.
         creation_args: recorded in the manifest (e.g. the CLI arguments).
+        data_options: JSON-able options that shape the data; None: no check (and none recorded).
     """
 
     def __init__(
@@ -87,24 +102,35 @@ class LmdbWriter:
         frames_per_file: int = 250_000,
         map_size: int = 1 << 28,
         creation_args: dict[str, Any] | None = None,
+        data_options: dict[str, Any] | None = None,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.stem = stem
         self.frames_per_file = frames_per_file
         self.creation_args = creation_args or {}
+        self.data_options = _as_json(data_options) if data_options is not None else None
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.out_dir / f".{stem}.write-test"
-            probe.touch()
-            probe.unlink()
         except OSError as err:
             msg = f"--out {self.out_dir}: cannot write there ({err.strerror})"
             raise KdaugError(msg) from err
-        self._initial_map_size = map_size
-        self._files = sorted(self.out_dir.glob(f"{re.escape(stem)}.[0-9][0-9][0-9][0-9].lmdb"))
+        self._lock = OutputLock(self.out_dir, stem)
         self._env: lmdb.Environment | None = None
-        self._file_index = len(self._files) - 1 if self._files else 0
-        self._open(self._file_index)
+        try:
+            self._initial_map_size = map_size
+            self._files = sorted(self.out_dir.glob(f"{re.escape(stem)}.[0-9][0-9][0-9][0-9].lmdb"))
+            for file in self._files:
+                if file.stat().st_size:
+                    check_lmdb_file(file)
+            self._file_index = len(self._files) - 1 if self._files else 0
+            if self.data_options is not None:
+                self._check_siblings()
+            self._open(self._file_index)
+            if self.data_options is not None:
+                self._check_resume()
+        except BaseException:
+            self.close()
+            raise
 
     # -- files -----------------------------------------------------------------
     def _path(self, index: int) -> Path:
@@ -115,13 +141,46 @@ class LmdbWriter:
             self._env.close()
         path = self._path(index)
         map_size = max(self._initial_map_size, path.stat().st_size * 2 if path.exists() else 0)
-        self._env = lmdb.open(str(path), subdir=False, map_size=map_size, meminit=False, map_async=False)
+        try:
+            self._env = lmdb.open(str(path), subdir=False, map_size=map_size, meminit=False, map_async=False)
+        except lmdb.Error as err:
+            raise self._write_failed(path, err, 0) from err
         self._file_index = index
         with self._env.begin() as txn:
-            raw_length = txn.get(LENGTH_KEY)
-            raw_stats = txn.get(STATS_KEY)
-        self._length = pickle.loads(raw_length) if raw_length else 0
-        self._stats = pickle.loads(raw_stats) if raw_stats else _empty_stats()
+            self._length = _read_value(txn, LENGTH_KEY, path, 0)
+            self._stats = _read_value(txn, STATS_KEY, path, None) or _empty_stats()
+            raw_options = _get(txn, OPTIONS_KEY, path)
+            try:
+                self._stored_options = json.loads(raw_options) if raw_options else None
+                if not isinstance(self._stored_options, dict | None):
+                    raise ValueError(f"key {OPTIONS_KEY.decode()} holds no mapping")
+                cursor = txn.cursor()
+                self._has_done = cursor.set_range(DONE_PREFIX) and cursor.key().startswith(DONE_PREFIX)
+            except (ValueError, lmdb.Error) as err:
+                raise damaged(path, str(err)) from err
+
+    def _check_siblings(self) -> None:
+        """Refuse to join a directory whose other stems (shards) were made with other data options."""
+        for manifest in sorted(self.out_dir.glob("manifest*.json")):
+            if manifest.name != manifest_name(self.stem):
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    self._compare(manifest.name, json.loads(manifest.read_text()).get("data_options"))
+
+    def _check_resume(self) -> None:
+        """Refuse to resume this stem if it was made with other data options."""
+        where = self._path(self._file_index)
+        if self._stored_options is None and (self._length or self._has_done):
+            msg = (f"--out {self.out_dir}: {where.name} holds {self._length} frames without a record of the "
+                   "options that made them, so they cannot be resumed safely; write to a new --out")
+            raise KdaugError(msg)
+        self._compare(where.name, self._stored_options)
+
+    def _compare(self, source: str, stored: dict[str, Any] | None) -> None:
+        differences = option_differences(stored, self.data_options) if stored is not None else []
+        if differences:
+            msg = (f"--out {self.out_dir} was started with other data options ({source}): {'; '.join(differences)}; "
+                   "rerun with the options it was started with, or write to a new --out")
+            raise KdaugError(msg)
 
     # -- writing -----------------------------------------------------------------
     def write_batch(
@@ -142,6 +201,7 @@ class LmdbWriter:
             stats["elements"].update(int(z) for z in frame.atomic_numbers)
         stats["counters"].update(counters or {})
         done = list(done)
+        record_options = self.data_options is not None and self._stored_options is None
         while True:
             try:
                 with self._env.begin(write=True) as txn:
@@ -151,19 +211,31 @@ class LmdbWriter:
                         txn.put(DONE_PREFIX + key.encode(), b"1")
                     txn.put(LENGTH_KEY, pickle.dumps(self._length + len(payload)))
                     txn.put(STATS_KEY, pickle.dumps(stats))
+                    if record_options:
+                        txn.put(OPTIONS_KEY, json.dumps(self.data_options, sort_keys=True).encode())
                 break
             except lmdb.MapFullError:
                 self._env.set_mapsize(self._env.info()["map_size"] * 2)
+            except lmdb.Error as err:
+                raise self._write_failed(self._path(self._file_index), err, sum(map(len, payload))) from err
         self._length += len(payload)
         self._stats = stats
+        if record_options:
+            self._stored_options = self.data_options
         self.write_manifest()
+
+    def _write_failed(self, path: Path, err: lmdb.Error, n_bytes: int) -> KdaugError:
+        # LMDB reports a short write as EIO; a full disk is the usual reason.
+        if shutil.disk_usage(self.out_dir).free < n_bytes + (1 << 20):
+            return write_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        return KdaugError(f"cannot write {path} ({err})")
 
     def done_keys(self) -> set[str]:
         """Keys of finished work units recorded by `write_batch(done=...)` in any file of this stem."""
         keys: set[str] = set()
         for index in range(self._file_index + 1):
             env = self._env if index == self._file_index else _open_readonly(self._path(index))
-            with env.begin() as txn:
+            with env.begin() as txn, _reading(self._path(index)):
                 cursor = txn.cursor()
                 if cursor.set_range(DONE_PREFIX):
                     for key, _ in cursor:
@@ -178,9 +250,10 @@ class LmdbWriter:
         """Statistics over every file of this stem."""
         total = _empty_stats()
         for index in range(self._file_index):
-            env = _open_readonly(self._path(index))
+            path = self._path(index)
+            env = _open_readonly(path)
             with env.begin() as txn:
-                _merge_stats(total, pickle.loads(txn.get(STATS_KEY)))
+                _merge_stats(total, _read_value(txn, STATS_KEY, path, None) or _empty_stats())
             env.close()
         _merge_stats(total, self._stats)
         return total
@@ -194,18 +267,25 @@ class LmdbWriter:
             "elements": {str(z): n for z, n in sorted(stats["elements"].items())},
             "counters": dict(stats["counters"]),
             "creation_args": self.creation_args,
+            "data_options": self._stored_options,
             "versions": package_versions(),
         }
         path = self.out_dir / manifest_name(self.stem)
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-        tmp.replace(path)
+        try:
+            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+            tmp.replace(path)
+        except OSError as err:
+            raise write_error(path, err) from err
+        finally:  # also on Ctrl-C
+            tmp.unlink(missing_ok=True)
         return path
 
     def close(self) -> None:
         if self._env is not None:
             self._env.close()
             self._env = None
+        self._lock.release()
 
     def __enter__(self) -> LmdbWriter:
         return self
@@ -214,41 +294,87 @@ class LmdbWriter:
         self.close()
 
 
+def _as_json(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists), so stored and new options compare equal."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def option_differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """"name stored -> now" for every option whose value differs (absent options read as <unset>)."""
+    unset = "<unset>"
+    return [f"{name} {stored.get(name, unset)!r} -> {now.get(name, unset)!r}"
+            for name in sorted(set(stored) | set(now)) if stored.get(name, unset) != now.get(name, unset)]
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """LMDB's own corruption reports (MDB_CORRUPTED, MDB_PAGE_NOTFOUND) as one line naming the file."""
+    try:
+        yield
+    except lmdb.Error as err:
+        raise damaged(path, str(err)) from err
+
+
+def _get(txn: lmdb.Transaction, key: bytes, path: Path) -> bytes | None:
+    with _reading(path):
+        return txn.get(key)
+
+
+def _read_value(txn: lmdb.Transaction, key: bytes, path: Path, default: Any) -> Any:
+    """The pickled value under a bookkeeping key (length: int, stats: dict), or `default` if absent."""
+    raw = _get(txn, key, path)
+    if raw is None:
+        return default
+    kind = int if key == LENGTH_KEY else dict
+    try:
+        value = pickle.loads(raw)
+    except Exception as err:  # any unpickling failure means damage
+        msg = f"{path}: key {key.decode()} is damaged (cannot unpickle: {type(err).__name__})"
+        raise KdaugError(msg) from err
+    if not isinstance(value, kind) or (kind is int and value < 0):
+        msg = f"{path}: key {key.decode()} is damaged (holds {type(value).__name__} {str(value)[:40]!r})"
+        raise KdaugError(msg)
+    return value
+
+
 # -- reading ---------------------------------------------------------------------
 def _open_readonly(path: Path) -> lmdb.Environment:
     # lock=False: reading never writes a lock file next to the input.
     return lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False)
 
 
-def _frame_error(path: Path, key: str, detail: str) -> KdaugError:
-    return KdaugError(
-        f"{path}: entry {key} is not a structure frame ({detail}); expected an S2EF-style LMDB whose "
-        "values are torch_geometric Data with pos, atomic_numbers, y|energy and force|forces"
-    )
+# py-lmdb refuses to open one file twice in a process, so readers of the same file (a training set and
+# a validation set naming one LMDB, two datasets over one path) share one environment, counted per user.
+_SHARED: dict[tuple[int, Path], list] = {}
 
 
-def _check_frame(path: Path, key: str, raw: bytes | None) -> None:
-    if raw is None:
-        raise _frame_error(path, key, "key missing")
-    try:
-        value = pickle.loads(raw)
-    except Exception as err:  # any unpickling failure means "not our kind of value"
-        raise _frame_error(path, key, f"cannot unpickle: {type(err).__name__}") from err
-    if not isinstance(value, Data):
-        raise _frame_error(path, key, f"value is a {type(value).__name__}")
-    keys = set(value.keys())
-    missing = [
-        name
-        for name, options in (("pos", {"pos"}), ("atomic_numbers", {"atomic_numbers"}),
-                              ("y|energy", {"y", "energy"}), ("force|forces", {"force", "forces"}))
-        if not keys & options
-    ]
-    if missing:
-        raise _frame_error(path, key, f"missing {', '.join(missing)}; has {', '.join(sorted(keys))}")
+def _acquire(file: Path) -> lmdb.Environment:
+    """The process's read-only environment of `file` (opened on first use)."""
+    key = (os.getpid(), file.resolve())
+    if key not in _SHARED:
+        _SHARED[key] = [_open_checked(file), 0]
+    _SHARED[key][1] += 1
+    return _SHARED[key][0]
+
+
+def _release(file: Path) -> None:
+    """Give back one `_acquire`; the environment closes with its last user."""
+    key = (os.getpid(), file.resolve())
+    entry = _SHARED.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        entry[0].close()
+        del _SHARED[key]
 
 
 def lmdb_files(path: str | os.PathLike) -> list[Path]:
-    """The LMDB files behind `path` (a file, or a directory of *.lmdb), checked to hold frames."""
+    """The LMDB files behind `path` (a file, or a directory of *.lmdb), checked to be whole and to hold frames.
+
+    Each file's pages are checked before it is mapped (`check_lmdb_file`), so damage is a `KdaugError`
+    naming the file, never a SIGBUS; its length key and first entry are decoded.
+    """
     path = Path(path)
     if not path.exists():
         msg = f"{path}: no such file or directory (expected an LMDB file or a directory of *.lmdb shards)"
@@ -258,41 +384,37 @@ def lmdb_files(path: str | os.PathLike) -> list[Path]:
         msg = f"{path}: directory holds no *.lmdb shards"
         raise KdaugError(msg)
     for file in files:
+        check_lmdb_file(file)
+        env = _acquire(file)
         try:
-            env = _open_readonly(file)
-        except lmdb.Error as err:
-            msg = f"{file}: not an LMDB file (expected a frame LMDB written by kdaug or fairchem)"
-            raise KdaugError(msg) from err
-        with env.begin() as txn:
-            length = _stored_length(txn, env)
-            if length:
-                _check_frame(file, "0", txn.get(b"0"))
-        env.close()
+            with env.begin() as txn:
+                if _stored_length(txn, env, file):
+                    decode_entry(file, "0", _get(txn, b"0", file))
+        finally:
+            _release(file)
     return files
 
 
-def _stored_length(txn: lmdb.Transaction, env: lmdb.Environment) -> int:
-    raw = txn.get(LENGTH_KEY)
-    if raw is not None:
-        return int(pickle.loads(raw))
+def _open_checked(file: Path) -> lmdb.Environment:
+    try:
+        return _open_readonly(file)
+    except lmdb.Error as err:
+        msg = f"{file}: not a readable LMDB file ({err})"
+        raise KdaugError(msg) from err
+
+
+def _stored_length(txn: lmdb.Transaction, env: lmdb.Environment, path: Path) -> int:
+    length = _read_value(txn, LENGTH_KEY, path, None)
+    if length is not None:
+        return length
     return int(env.stat()["entries"])  # fairchem-tutorial files without a length key
-
-
-def _normalise(data: Data) -> Data:
-    """Rename AtomsToGraphs' energy/forces to the S2EF y/force."""
-    if "y" not in data and "energy" in data:
-        data.y = data.energy
-        del data.energy
-    if "force" not in data and "forces" in data:
-        data.force = data.forces
-        del data.forces
-    return data
 
 
 class FrameDataset(torch.utils.data.Dataset):
     """Frames of one LMDB file or a directory of shards, as S2EF-named PyG Data.
 
-    Environments open lazily in each process, so it works under DataLoader workers.
+    Every entry read is validated (`kdaug.data.entries.decode_entry`): a bad one raises a `KdaugError`
+    naming file, key and field. Environments open lazily in each process, so it works under DataLoader workers.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -300,10 +422,12 @@ class FrameDataset(torch.utils.data.Dataset):
         self.files = lmdb_files(self.path)
         lengths = []
         for file in self.files:
-            env = _open_readonly(file)
-            with env.begin() as txn:
-                lengths.append(_stored_length(txn, env))
-            env.close()
+            env = _acquire(file)
+            try:
+                with env.begin() as txn:
+                    lengths.append(_stored_length(txn, env, file))
+            finally:
+                _release(file)
         self.lengths = lengths
         self._offsets = np.cumsum([0, *lengths])
         self._envs: list[lmdb.Environment] | None = None
@@ -314,22 +438,25 @@ class FrameDataset(torch.utils.data.Dataset):
 
     def _environments(self) -> list[lmdb.Environment]:
         if self._envs is None or self._pid != os.getpid():
-            self._envs = [_open_readonly(f) for f in self.files]
+            self._envs = [_acquire(f) for f in self.files]
             self._pid = os.getpid()
         return self._envs
 
-    def __getitem__(self, index: int) -> Data:
+    def locate(self, index: int) -> tuple[int, str]:
+        """(file index, key) of frame `index`."""
         if not -len(self) <= index < len(self):
             msg = f"index {index} out of range for {len(self)} frames in {self.path}"
             raise IndexError(msg)
         index %= len(self)
         file_index = int(np.searchsorted(self._offsets, index, side="right") - 1)
-        key = str(index - self._offsets[file_index])
+        return file_index, str(index - self._offsets[file_index])
+
+    def __getitem__(self, index: int) -> Data:
+        file_index, key = self.locate(index)
+        file = self.files[file_index]
         with self._environments()[file_index].begin() as txn:
-            raw = txn.get(key.encode("ascii"))
-        if raw is None:
-            _check_frame(self.files[file_index], key, raw)
-        return _normalise(pickle.loads(raw))
+            raw = _get(txn, key.encode("ascii"), file)
+        return decode_entry(file, key, raw)
 
     def fingerprint(self) -> str:
         """sha256 naming this data: per file, its name and length, and the structure and labels of its first
@@ -347,16 +474,32 @@ class FrameDataset(torch.utils.data.Dataset):
         return digest.hexdigest()
 
     def frame(self, index: int) -> Frame:
-        return data_to_frame(self[index])
+        data = self[index]
+        try:
+            return data_to_frame(data)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as err:
+            file_index, key = self.locate(index)
+            raise entry_error(self.files[file_index], key, f"provenance: {err}") from err
 
     def iter_frames(self) -> Iterator[Frame]:
         for index in range(len(self)):
             yield self.frame(index)
 
+    def check_entries(self, indices: Iterable[int] | None = None) -> frozenset[int]:
+        """Decode and validate the frames at `indices` (all by default); returns the atomic numbers they hold.
+
+        Commands that derive data call it before creating output, so a bad entry stops them with nothing written.
+        """
+        elements: set[int] = set()
+        for index in range(len(self)) if indices is None else indices:
+            elements.update(self.frame(index).atomic_numbers.tolist())
+        return frozenset(elements)
+
     def close(self) -> None:
-        """Close the environments (py-lmdb allows one open handle per file and process)."""
-        for env in self._envs or []:
-            env.close()
+        """Give back the environments (closed when no other reader in this process uses them)."""
+        if self._envs is not None and self._pid == os.getpid():
+            for file in self.files:
+                _release(file)
         self._envs = None
 
     def __getstate__(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ differentiable w.r.t. `batch.pos` (forces are built with create_graph=True).
 from __future__ import annotations
 
 import pickle
+import signal
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ _worker_converter = None
 
 def _start_graph_worker(converter) -> None:
     global _worker_converter
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group; only the parent reports it
     torch.set_num_threads(1)
     _worker_converter = converter
 

@@ -7,6 +7,10 @@ forward that asks for them (no taps, no hooks):
 | painn     | input of out_energy (N,H)   | out_energy (N,1)   | input of out_forces     | -                    |
 | schnet    | input of lin1 (N,H)         | lin2 (N,1)         | -                       | -                    |
 | gemnet_oc | out_mlp_E output x_E (N,256)| out_energy (N,1)   | -                       | out_mlp_F output x_F |
+
+`layer_features` records the scalar node features after each of fairchem's interaction blocks
+(PaiNN: message + update layer i, after its scale factor; SchNet: h + interactions[i](h);
+GemNet-OC: h of int_blocks[i], then the aggregated x_E) through forward hooks as well, for CKA.
 """
 
 from __future__ import annotations
@@ -32,6 +36,20 @@ _TAP_SITES: dict[str, dict[str, tuple[str, str]]] = {
     "schnet": {"node": ("lin1", "input0"), "atom_energy": ("lin2", "output")},
     "gemnet_oc": {"node": ("out_mlp_E", "output"), "atom_energy": ("out_energy", "output"),
                   "edge": ("out_mlp_F", "output")},
+}
+# Per-layer node features: (name, module attribute, what to record) per interaction block; "output0" =
+# first element of the output tuple, "input0+output" = residual input plus the block's output.
+_LAYER_SITES: dict[str, Callable[[nn.Module], list[tuple[str, str, str]]]] = {
+    "painn": lambda m: [(f"layer{i}", f"upd_out_scalar_scale_{i}", "output") for i in range(m.num_layers)],
+    "schnet": lambda m: [(f"layer{i}", f"interactions.{i}", "input0+output") for i in range(len(m.interactions))],
+    "gemnet_oc": lambda m: [*((f"layer{i}", f"int_blocks.{i}", "output0") for i in range(m.num_blocks)),
+                            ("x_E", "out_mlp_E", "output")],
+}
+# The layer holding each model's "node" and "vector" KD taps (the distilled layer in CKA maps).
+_TAP_LAYER: dict[str, Callable[[nn.Module], str]] = {
+    "painn": lambda m: f"layer{m.num_layers - 1}",
+    "schnet": lambda m: f"layer{len(m.interactions) - 1}",
+    "gemnet_oc": lambda m: "x_E",
 }
 _N_ELEMENTS = {"painn": 83, "gemnet_oc": 83, "schnet": 99}
 OC20_CHECKPOINTS_HINT = (
@@ -129,6 +147,36 @@ class FairchemModel(AtomisticModel):
                 handle.remove()
             if original is not None:
                 del self.module.get_graphs_and_indices
+
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        """Names of the interaction-block outputs `layer_features` returns, input to output."""
+        return tuple(name for name, _, _ in _LAYER_SITES[self.model_name](self.module))
+
+    def tap_layer(self, tap: str) -> str | None:
+        """The layer of `layer_names` a KD tap reads ("node", "vector"); None for other taps."""
+        if tap not in ("node", "vector") or tap not in self.implemented_taps:
+            return None
+        return _TAP_LAYER[self.model_name](self.module)
+
+    def layer_features(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """{layer name: (N, D) detached scalar node features after that interaction block} for `batch`."""
+        recorded: dict[str, torch.Tensor] = {}
+
+        def hook_for(name: str, what: str) -> Callable:
+            def hook(_module, args, out) -> None:
+                value = out[0] if what == "output0" else out
+                recorded[name] = (args[0] + value if what == "input0+output" else value).detach()
+            return hook
+
+        handles = [self.module.get_submodule(attribute).register_forward_hook(hook_for(name, what))
+                   for name, attribute, what in _LAYER_SITES[self.model_name](self.module)]
+        try:
+            self(batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {name: recorded[name] for name in self.layer_names}
 
     def compute(self, batch: Batch, taps: tuple[str, ...]) -> ModelOutput:
         # fairchem's radius_graph_pbc only looks at enough cell images for wrapped

@@ -55,9 +55,21 @@ def load_model(
     With `name_or_config=None` the config stored in the checkpoint is used.
     """
     from kdaug.models import ase_calc
-    from kdaug.models.fairchem_v1 import FairchemModel, build_fairchem_model, model_config_from_checkpoint
+    from kdaug.models.fairchem_v1 import (
+        OC20_CHECKPOINTS_HINT,
+        FairchemModel,
+        build_fairchem_model,
+        model_config_from_checkpoint,
+    )
 
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        msg = f"--device {device}: expected cpu, cuda or cuda:N"
+        raise KdaugError(msg)
+    if kind == "cuda" and not torch.cuda.is_available():
         msg = f"--device {device}: no CUDA device is available here (use --device cpu)"
         raise KdaugError(msg)
     name = str(name_or_config) if name_or_config is not None else None
@@ -77,6 +89,8 @@ def load_model(
             model_name, kwargs, display = model_config_from_checkpoint(checkpoint)
         else:
             model_name, kwargs, display = read_model_config(name)
+            if checkpoint is not None and not Path(checkpoint).is_file():  # before a large model is built
+                raise KdaugError(f"--checkpoint {checkpoint}: no such file. {OC20_CHECKPOINTS_HINT}")
         model = FairchemModel(build_fairchem_model(model_name, kwargs), model_name, kwargs, display)
         if checkpoint is not None:
             model.load_checkpoint(checkpoint)

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -32,6 +33,7 @@ from kdaug.models import AtomisticModel, load_model, load_teacher
 from kdaug.perturb.common import (
     PerturbOptions,
     check_output_not_input,
+    data_options,
     derived_frame,
     label,
     perturb_dataset,
@@ -176,6 +178,10 @@ class AdversarialConfig(AttackParams, PerturbOptions):
     """Options of `kdaug adversarial`: the attack's parameters, the shared perturbation options,
     the student and the near-duplicate filter."""
 
+    # Options that shape the output, besides the teacher and student hashes and the input fingerprint.
+    DATA_KEYS: ClassVar[tuple[str, ...]] = (
+        *PerturbOptions.DATA_KEYS, *(f.name for f in dataclasses.fields(AttackParams)), "min_rmsd")
+
     student: str = option(help="student checkpoint (saved by kdaug or fairchem; its config is read from it)")
     teacher: str = option("chgnet", help="chgnet or a model config with --checkpoint (must be differentiable)")
     min_rmsd: float = option(0.005, help="drop frames within this RMSD of their parent (free atoms)",
@@ -208,7 +214,9 @@ def run_adversarial(config: AdversarialConfig, *, progress: bool = True) -> dict
         step_sums[:] += history.sum(axis=1)
         return frames, tally
 
-    counts = perturb_dataset(dataset, config, work, desc="adversarial", progress=progress)
+    options = data_options(config, teacher, dataset, student_sha256=student.checkpoint_sha256)
+    counts = perturb_dataset(dataset, config, work, desc="adversarial", models=[teacher, student], options=options,
+                             progress=progress)
     summary = {key: counts[key] for key in COUNTS}
     summary["mean_discrepancy_per_step"] = (step_sums / max(counts["inputs"], 1)).round(6).tolist()
     logger.info("adversarial: %s -> %s", summary, config.out)

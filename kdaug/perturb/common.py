@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from tqdm import tqdm
 
 from kdaug.config import check_values, option
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
-from kdaug.errors import KdaugError
+from kdaug.errors import KdaugError, UnsupportedElement
 from kdaug.models import AtomisticModel
 from kdaug.state import BatchState, split_atoms
 from kdaug.types import Frame, Provenance
@@ -30,6 +31,9 @@ ChunkWork = Callable[[list[tuple[int, Frame]]], tuple[list[Frame], dict[str, int
 @dataclass(frozen=True, kw_only=True)
 class PerturbOptions:
     """Options every perturbation generator shares: input, output, teacher and the sample selection."""
+
+    # Options that shape the output: a resume must keep them (with the teacher hash and input fingerprint).
+    DATA_KEYS: ClassVar[tuple[str, ...]] = ("teacher", "min_distance_factor", "fraction", "seed")
 
     input: str = option(help="frame LMDB (file or directory of shards): OC20 S2EF, d1M or kdaug output")
     out: str = option(help="output directory (resumed if it holds a previous run)")
@@ -56,6 +60,22 @@ def check_output_not_input(input_path: str, out: str) -> None:
     if target.is_relative_to(source) or source.is_relative_to(target):
         msg = f"--out {out}: must not be (inside) the input {input_path}; nothing is written into inputs"
         raise KdaugError(msg)
+
+
+def check_inputs(dataset: FrameDataset, indices: Sequence[int], models: Sequence[AtomisticModel]) -> None:
+    """Validate every selected input frame, and that each model knows its elements, before any output exists."""
+    elements = dataset.check_entries(indices)
+    for model in models:
+        try:
+            model.check_elements(elements)
+        except UnsupportedElement as err:
+            raise KdaugError(f"--input {dataset.path}: {err}") from err
+
+
+def data_options(config: PerturbOptions, teacher: AtomisticModel, dataset: FrameDataset, **extra: Any) -> dict:
+    """What shapes a perturbation output: `config.DATA_KEYS`, the teacher checkpoint and the input fingerprint."""
+    return {**{key: getattr(config, key) for key in config.DATA_KEYS}, "teacher_sha256": teacher.checkpoint_sha256,
+            "input_fingerprint": dataset.fingerprint(), **extra}
 
 
 def select_indices(n_frames: int, fraction: float, seed: int) -> list[int]:
@@ -106,13 +126,18 @@ def pending_chunks(dataset: FrameDataset, indices: Sequence[int], writer: LmdbWr
 
 
 def perturb_dataset(dataset: FrameDataset, config: PerturbOptions, work: ChunkWork, *, desc: str,
-                    progress: bool = True) -> Counter:
+                    models: Sequence[AtomisticModel], options: dict, progress: bool = True) -> Counter:
     """Run `work` on each chunk of the selected input frames not yet done and write what it returns (one
     transaction per chunk, resumable); its counts go to the manifest's counters, and their sum over this
-    run is returned."""
+    run is returned.
+
+    Before any output exists, every selected frame is validated and checked against the elements of
+    `models`; the output records `options` (see `data_options`) and refuses a resume made with others.
+    """
     indices = select_indices(len(dataset), config.fraction, config.seed)
+    check_inputs(dataset, indices, models)
     counts: Counter = Counter()
-    with LmdbWriter(config.out, creation_args=dataclasses.asdict(config)) as writer, \
+    with LmdbWriter(config.out, creation_args=dataclasses.asdict(config), data_options=options) as writer, \
             tqdm(total=len(indices), desc=desc, unit=" frames", disable=not progress) as bar:
         for chunk in pending_chunks(dataset, indices, writer, config.batch_size):
             frames, tally = work(chunk)

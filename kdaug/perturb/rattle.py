@@ -11,6 +11,7 @@ import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from kdaug.models import AtomisticModel, load_teacher
 from kdaug.perturb.common import (
     PerturbOptions,
     check_output_not_input,
+    data_options,
     derived_frame,
     label,
     perturb_dataset,
@@ -34,6 +36,8 @@ COUNTS = ("inputs", "written", "rejected_min_distance")  # the run's tally: mani
 @dataclass(frozen=True, kw_only=True)
 class RattleConfig(PerturbOptions):
     """Options of `kdaug rattle`."""
+
+    DATA_KEYS: ClassVar[tuple[str, ...]] = (*PerturbOptions.DATA_KEYS, "sigma", "copies")  # shape the output
 
     sigma: float = option(0.05, help="standard deviation of the noise on each coordinate of free atoms",
                           unit="Angstrom")
@@ -59,7 +63,7 @@ def run_rattle(config: RattleConfig, *, progress: bool = True) -> dict:
     check_output_not_input(config.input, config.out)
     teacher = load_teacher(config.teacher, config.checkpoint, device=config.device)
     counts = perturb_dataset(dataset, config, lambda chunk: rattle_chunk(chunk, teacher, config), desc="rattle",
-                             progress=progress)
+                             models=[teacher], options=data_options(config, teacher, dataset), progress=progress)
     summary = {key: counts[key] for key in COUNTS}
     logger.info("rattle: %s -> %s", summary, config.out)
     return summary

@@ -15,6 +15,7 @@ import importlib.util
 import itertools
 import os
 import pickle
+import signal
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -281,6 +282,7 @@ _worker_sampler: SystemSampler | None = None
 
 def _start_worker(config: SamplerConfig) -> None:
     global _worker_sampler
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group; only the parent reports it
     import_oc_core_without_fairchem_core()
     _worker_sampler = SystemSampler(config)
 

@@ -89,6 +89,7 @@ class TrainConfig:
             (self.online_rattle is None or self.online_adversarial is None, "online_adversarial",
              "to be unset when --online-rattle is given"),
             (0 < self.online_share <= 1, "online_share", "a value in (0, 1]"),
+            (self.teacher_cache is None or self.kd != "none", "teacher_cache", "a --kd mode to use it for"),
             (self.checkpoint_every > 0, "checkpoint_every", "a positive number of steps"),
             (self.log_every > 0, "log_every", "a positive number of steps"),
             (self.val_every is None or self.val_every > 0, "val_every", "a positive number of steps"),

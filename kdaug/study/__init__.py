@@ -1,0 +1,22 @@
+"""`kdaug study`: the paper's comparison (Table 3) for one teacher-student pair on any data.
+
+From a `StudyConfig` (configs/studies/*.yml): train (or load) the teacher, train the baseline student
+and a student per KD strategy, per kind of extra data made with the trained teacher and per online
+augmentation, each over several seeds, evaluate all on the same held-out sets and tabulate.
+
+Study folder (`out`)::
+
+    out/
+      data/dft-train, dft-val     the generated ground truth (when data.generate asks for it)
+      data/generate, rattle/...   synthetic data made with the trained teacher
+      teacher/                    the teacher's kdaug train run (+ result.json)
+      runs/<label>/seed<k>/       each student run: checkpoint.pt, student.pt, log.jsonl, curves.png,
+                                  result.json (written last: the run is finished)
+      results.md, results.json    the table per validation set (mean, spread, gap closed)
+      gap_closed.png              gap closed per run and metric
+      learning_curves.png         validation MAEs against step for every run
+      cka/                        teacher-student CKA of the baseline and each run's gain over it
+
+Rerunning skips finished runs (result.json with the same options); a killed run resumes from its
+checkpoint (kdaug train), the generators resume their LMDBs; a data folder is made once (done.json).
+"""

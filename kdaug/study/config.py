@@ -1,0 +1,152 @@
+"""`StudyConfig`: one YAML in configs/studies/ describing a whole `kdaug study` (see kdaug/study/__init__.py).
+
+Sections: `data` (existing LMDBs and/or a "DFT" set the study generates with an ASE/ML labeller),
+`teacher` and `student` (model, optional checkpoint, training budget), `strategies` (KD modes),
+`extra` (synthetic data the study makes with its trained teacher, mixed at given ratios),
+`online` (online augmentation runs) and `cka`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from kdaug.config import check_values, option
+
+KdMode = Literal["none", "vanilla1", "vanilla2", "n2n", "e2n", "v2v"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DftGeneration:
+    """A ground-truth ("DFT") set the study labels itself with `kdaug generate` (EMT stands in for DFT)."""
+
+    teacher: str = option("emt", help="labeller: emt, chgnet, ase:module:Class, or a model config with checkpoint")
+    checkpoint: str | None = option(None, help="labeller checkpoint (GNN labellers)")
+    device: str = option("cpu", help="the labeller's device (EMT runs on the CPU whatever the study's device)")
+    train_systems: int = option(0, help="relaxed systems for the training set (0: no generated set)")
+    val_systems: int = option(0, help="further systems (other seed) for the held-out validation set")
+    seed: int = option(0, help="generate seed of the training systems; validation uses seed + 1")
+    adsorbate_ids: tuple[int, ...] | None = option(None, help="fairchem-data-oc adsorbate ids to draw from")
+    elements: tuple[str, ...] | None = option(
+        None, help="draw only embedded bulks made of these elements (e.g. [Cu, Pt]; default: all bulks)")
+    max_miller: int = option(1, help="largest Miller index of sampled slabs")
+    fmax: float = option(0.05, help="relaxation convergence threshold", unit="eV/A")
+    max_steps: int = option(100, help="optimizer steps per system at most")
+    frame_fraction: float = option(0.3, help="probability of keeping each relaxation frame")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSection:
+    """Training and validation data: given LMDBs, plus the generated set when `generate` asks for one."""
+
+    train: tuple[str, ...] = option((), help="ground-truth training LMDBs (besides a generated set)")
+    val: tuple[str, ...] = option((), help="validation sets, each evaluated and tabulated on its own")
+    generate: DftGeneration = option(default_factory=DftGeneration, help="a generated ground-truth set")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Budget:
+    """How one model is trained: a `kdaug train` YAML recipe plus the values set here (unset: the recipe's)."""
+
+    recipe: str | None = option(None, help="kdaug train YAML (e.g. configs/train/painn-oc20.yml)")
+    epochs: int | None = option(None, help="epochs per run")
+    max_steps: int | None = option(None, help="optimizer steps per run (instead of epochs)")
+    batch_size: int | None = option(None, help="systems per batch")
+    lr: float | None = option(None, help="initial learning rate")
+    ema_decay: float | None = option(None, help="EMA of the weights used for validation and export")
+    val_every: int | None = option(None, help="validate every this many steps (learning curves)", unit="steps")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """A model of the study: config name or YAML, and either its checkpoint or how to train it."""
+
+    model: str = option(help="model config name (painn-small, schnet, ...) or YAML path")
+    checkpoint: str | None = option(None, help="trained weights (teacher: skip its training)")
+    train: Budget = option(default_factory=Budget, help="training budget")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KdLambdas:
+    """lambda of L = L0 + lambda L_KD per mode (unset: the paper's Table 7 for the pair, where it has one)."""
+
+    vanilla1: float | None = option(None, help="vanilla1 weight")
+    vanilla2: float | None = option(None, help="vanilla2 weight")
+    n2n: float | None = option(None, help="n2n weight")
+    e2n: float | None = option(None, help="e2n weight")
+    v2v: float | None = option(None, help="v2v weight")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtraData:
+    """Synthetic data made by the study with its trained teacher; each enabled source x mix ratio x r_s/dft x
+    KD mode is one more student run."""
+
+    generate_systems: int = option(0, help="systems relaxed by the teacher (kdaug generate; 0: off)")
+    generate_max_steps: int = option(100, help="teacher relaxation steps per system at most")
+    generate_frame_fraction: float = option(0.3, help="probability of keeping each relaxation frame")
+    rattle_copies: int = option(0, help="rattled copies of each training frame (kdaug rattle; 0: off)")
+    rattle_sigma: float = option(0.05, help="rattle noise", unit="Angstrom")
+    adversarial_steps: int = option(0, help="attack steps against the baseline student (kdaug adversarial; 0: off)")
+    adversarial_alpha: float = option(0.01, help="attack step size", unit="Angstrom per unit gradient")
+    mix_ratios: tuple[float, ...] = option((0.5,), help="alpha_target values (share of synthetic samples)")
+    rs_dft: tuple[float, ...] = option((1.0,), help="r = w_s / w_dft values")
+    kd: tuple[KdMode, ...] = option(("none",), help="KD modes trained with the extra data")
+
+    def __post_init__(self) -> None:
+        check_values(self, [
+            (self.generate_systems >= 0, "generate_systems", "0 (off) or more"),
+            (self.rattle_copies >= 0, "rattle_copies", "0 (off) or more"),
+            (self.adversarial_steps >= 0, "adversarial_steps", "0 (off) or more"),
+            (all(0 <= a <= 1 for a in self.mix_ratios), "mix_ratios", "values in [0, 1]"),
+            (all(r > 0 for r in self.rs_dft), "rs_dft", "positive ratios"),
+        ])
+
+
+@dataclass(frozen=True, kw_only=True)
+class OnlineSection:
+    """Online augmentation runs (kdaug train --online-rattle / --online-adversarial), one per value x KD mode."""
+
+    rattle: tuple[float, ...] = option((), help="online rattle sigmas", unit="Angstrom")
+    adversarial: tuple[int, ...] = option((), help="online adversarial step counts")
+    share: float = option(0.25, help="share of each batch replaced by perturbed copies")
+    kd: tuple[KdMode, ...] = option(("none",), help="KD modes trained with online augmentation")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CkaSection:
+    """Teacher-student CKA maps of every student run against the teacher."""
+
+    enabled: bool = option(True, help="compute CKA maps and per-strategy similarity gains")
+    max_samples: int = option(32, help="validation frames whose atoms the CKA uses")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StudyConfig:
+    """Options of `kdaug study` (a YAML in configs/studies/)."""
+
+    name: str = option(help="study name (titles of the table and plots)")
+    out: str = option(help="study folder: data/, teacher/, runs/<run>/seed<k>/, results.md, results.json, plots")
+    teacher: ModelSection = option(help="the teacher: trained here on the ground truth unless checkpoint is set")
+    student: ModelSection = option(help="the student: its baseline and every strategy use this model and budget")
+    data: DataSection = option(default_factory=DataSection, help="training and validation data")
+    strategies: tuple[KdMode, ...] = option(
+        ("vanilla1", "vanilla2", "n2n", "e2n", "v2v"), help="KD modes on the ground truth (skipped with a note "
+                                                            "where the pair cannot do one)")
+    kd_lambda: KdLambdas = option(default_factory=KdLambdas, help="KD loss weight per mode")
+    extra: ExtraData = option(default_factory=ExtraData, help="synthetic data from the trained teacher")
+    online: OnlineSection = option(default_factory=OnlineSection, help="online augmentation")
+    cka: CkaSection = option(default_factory=CkaSection, help="CKA similarity")
+    seeds: tuple[int, ...] = option((0,), help="student seeds; the table shows mean and spread over them")
+    teacher_seed: int = option(0, help="seed of the teacher's training")
+    checkpoint_every: int = option(50, help="checkpoint every this many steps (a killed study resumes there)",
+                                   unit="steps")
+    eval_batch_size: int = option(16, help="systems per batch when evaluating")
+    device: str = option("cpu", help="cpu or cuda")
+
+    def __post_init__(self) -> None:
+        check_values(self, [
+            (bool(self.seeds) and len(set(self.seeds)) == len(self.seeds), "seeds", "distinct seeds (at least one)"),
+            (self.checkpoint_every > 0, "checkpoint_every", "a positive number of steps"),
+            (self.eval_batch_size > 0, "eval_batch_size", "a positive number"),
+        ])

@@ -1,0 +1,85 @@
+"""The student runs a study config asks for: baseline, KD strategies, extra data and online augmentation."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from kdaug.study.config import StudyConfig
+
+SOURCES = ("generate", "rattle", "adversarial")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One student run: its table label, seed and what `kdaug train` gets beyond the baseline's options."""
+
+    label: str
+    seed: int
+    kd: str = "none"
+    source: str | None = None  # synthetic data from the study's teacher: generate | rattle | adversarial
+    mix_ratio: float | None = None
+    rs_dft: float | None = None
+    online_rattle: float | None = None
+    online_adversarial: int | None = None
+    online_share: float = 0.25
+
+    @property
+    def folder(self) -> str:
+        """Run folder relative to the study folder: runs/<label slug>/seed<k>."""
+        return f"runs/{slug(self.label)}/seed{self.seed}"
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.label == BASELINE
+
+
+BASELINE = "student"
+
+
+def slug(label: str) -> str:
+    """A folder name for a run label ("generate a=0.5 +n2n" -> "generate_a0.5_n2n")."""
+    return re.sub(r"[^A-Za-z0-9.]+", "_", label.replace("=", "")).strip("_")
+
+
+def plan_runs(config: StudyConfig, unsupported: dict[str, str]) -> tuple[list[RunSpec], list[dict[str, str]]]:
+    """(runs in training order: baseline first, then per label all seeds; skipped strategies with the reason).
+
+    `unsupported`: {KD mode the teacher-student pair cannot do: why} (from `kdaug.train.kd.check_kd_pair`).
+    """
+    skipped: list[dict[str, str]] = []
+
+    def supported(mode: str) -> bool:
+        if mode not in unsupported:
+            return True
+        if not any(s["strategy"] == mode for s in skipped):
+            skipped.append({"strategy": mode, "reason": unsupported[mode]})
+        return False
+
+    labels: list[dict] = [{"label": BASELINE}]
+    labels += [{"label": mode, "kd": mode} for mode in config.strategies if mode != "none" and supported(mode)]
+    extra = config.extra
+    sources = [name for name, on in zip(SOURCES, (extra.generate_systems, extra.rattle_copies,
+                                                  extra.adversarial_steps)) if on]
+    for source in sources:
+        for alpha in extra.mix_ratios:
+            for r in extra.rs_dft:
+                for mode in extra.kd:
+                    if supported(mode):
+                        label = f"{source} a={alpha:g}" + (f" r={r:g}" if r != 1 else "") + _kd_suffix(mode)
+                        labels.append({"label": label, "kd": mode, "source": source, "mix_ratio": alpha,
+                                       "rs_dft": r})
+    online = config.online
+    for kind, values in (("rattle", online.rattle), ("adversarial", online.adversarial)):
+        for value in values:
+            for mode in online.kd:
+                if supported(mode):
+                    labels.append({"label": f"online {kind} {value:g}" + _kd_suffix(mode), "kd": mode,
+                                   f"online_{kind}": value, "online_share": online.share})
+    runs = [RunSpec(seed=seed, **fields) for fields in labels for seed in config.seeds]
+    return runs, skipped
+
+
+def _kd_suffix(mode: str) -> str:
+    return "" if mode == "none" else f" +{mode}"
+

@@ -1,0 +1,362 @@
+"""`run_study`: the whole study of a `StudyConfig`, resumable run by run (layout in kdaug/study/__init__.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pickle
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from ase.data import atomic_numbers, chemical_symbols
+
+from kdaug.cka import cka_map, collect_layer_features, plot_cka
+from kdaug.config import load_config
+from kdaug.errors import KdaugError
+from kdaug.evaluate import evaluate
+from kdaug.generate import GenerateConfig, run_generate
+from kdaug.models import load_model
+from kdaug.perturb.adversarial import AdversarialConfig, run_adversarial
+from kdaug.perturb.rattle import RattleConfig, run_rattle
+from kdaug.resources import resource_path
+from kdaug.study.config import Budget, StudyConfig
+from kdaug.study.plan import BASELINE, RunSpec, plan_runs, slug
+from kdaug.study.plots import plot_gap_closed, plot_learning_curves
+from kdaug.study.table import markdown_table, table_rows
+from kdaug.train import kd
+from kdaug.train.config import TrainConfig
+from kdaug.train.data import TrainingSet
+from kdaug.train.loop import run_train
+
+logger = logging.getLogger(__name__)
+RESULT = "result.json"  # written last in a run folder: the run is finished
+# kdaug train options that leave the trained model as it is: a finished run is not redone for them
+NO_OUTCOME_CHANGE = frozenset({"device", "num_workers", "checkpoint_every", "log_every", "eval_batch_size"})
+
+
+def _write_json(path: Path, content: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(content, indent=1))
+    os.replace(tmp, path)
+
+
+class Study:
+    """One study folder; `run()` does what is not done yet and writes the results."""
+
+    def __init__(self, config: StudyConfig, *, progress: bool = True) -> None:
+        self.config = config
+        self.progress = progress
+        self.out = Path(config.out)
+        self.started = time.perf_counter()
+
+    # -- data ---------------------------------------------------------------------------
+    def _make(self, option: str, config, make) -> str:
+        """Run (or resume) one generator `make(config, progress=)` into `config.out` once: done.json records the
+        options and counts; a folder made with other options, or holding no frames, is a one-line error
+        naming the study `option`."""
+        folder = Path(config.out)
+        done = folder / "done.json"
+        options = json.loads(json.dumps(dataclasses.asdict(config)))
+        if done.is_file():
+            record = json.loads(done.read_text())
+            if record["config"] != options:
+                raise KdaugError(f"{option}: {folder} was made with other options; delete it to make it anew")
+        else:
+            record = {"config": options, "counts": make(config, progress=self.progress)}
+            _write_json(done, record)
+        counts = record["counts"]
+        if not counts.get("frames", counts.get("written")):
+            raise KdaugError(f"{option}: {folder} holds no frames ({json.dumps(counts)}); change the options "
+                             "and delete the folder")
+        return str(folder)
+
+    def ground_truth(self) -> tuple[tuple[str, ...], dict[str, str]]:
+        """(training LMDBs, {validation set name: path}), generating the EMT/labeller set when asked."""
+        gen = self.config.data.generate
+        train, val = list(self.config.data.train), {}
+        common = {"teacher": gen.teacher, "checkpoint": gen.checkpoint, "device": gen.device,
+                  "adsorbate_ids": gen.adsorbate_ids, "max_miller": gen.max_miller, "fmax": gen.fmax,
+                  "max_steps": gen.max_steps, "frame_fraction": gen.frame_fraction, "num_workers": 0}
+        if gen.elements:
+            common["bulk_db"] = self._bulk_db(_atomic_numbers(gen.elements))
+        if gen.train_systems:
+            folder = self.out / "data" / "dft-train"
+            train.append(self._make("data.generate.train_systems", GenerateConfig(
+                n_systems=gen.train_systems, out=str(folder), seed=gen.seed, **common), run_generate))
+        if gen.val_systems:
+            folder = self.out / "data" / "dft-val"
+            val["generated"] = self._make("data.generate.val_systems", GenerateConfig(
+                n_systems=gen.val_systems, out=str(folder), seed=gen.seed + 1, **common), run_generate)
+        for path in self.config.data.val:
+            name = Path(path).name.removesuffix(".lmdb") or str(path)
+            val[name if name not in val else f"{name}-{len(val)}"] = path
+        if not train:
+            raise KdaugError(f"{self.config.out}: data.train is empty and data.generate.train_systems is 0; "
+                             "expected training data")
+        if not val:
+            raise KdaugError(f"{self.config.out}: data.val is empty and data.generate.val_systems is 0; "
+                             "expected a held-out validation set")
+        return tuple(train), val
+
+    def synthetic(self, source: str, train: Sequence[str], teacher_ckpt: str) -> tuple[str, ...]:
+        """The synthetic LMDBs of `source` (generate | rattle | adversarial), made once with the trained teacher."""
+        config, extra = self.config, self.config.extra
+        teacher = {"teacher": config.teacher.model, "checkpoint": teacher_ckpt, "device": config.device}
+        folder = self.out / "data" / source
+        if source == "generate":
+            gen = config.data.generate
+            bulks = self._bulks_like(train)
+            return (self._make("extra.generate_systems", GenerateConfig(
+                n_systems=extra.generate_systems, out=str(folder), seed=gen.seed + 2, bulk_db=bulks,
+                adsorbate_ids=gen.adsorbate_ids, max_miller=gen.max_miller, fmax=gen.fmax,
+                max_steps=extra.generate_max_steps, frame_fraction=extra.generate_frame_fraction,
+                num_workers=0, **teacher), run_generate),)
+        paths = []
+        for i, path in enumerate(train):
+            part = str(folder / f"part{i}")
+            if source == "rattle":
+                paths.append(self._make("extra.rattle_copies", RattleConfig(
+                    input=path, out=part, sigma=extra.rattle_sigma, copies=extra.rattle_copies, **teacher),
+                    run_rattle))
+            else:
+                baseline = self.out / RunSpec(BASELINE, config.seeds[0]).folder / "student.pt"
+                paths.append(self._make("extra.adversarial_steps", AdversarialConfig(
+                    input=path, out=part, student=str(baseline), steps=extra.adversarial_steps,
+                    alpha=extra.adversarial_alpha, **teacher), run_adversarial))
+        return tuple(paths)
+
+    def _bulks_like(self, train: Sequence[str]) -> str:
+        """A bulk database of the embedded bulks made only of the training set's elements (the teacher has
+        seen nothing else)."""
+        dataset = TrainingSet(train)
+        try:
+            elements = set()
+            for i in range(len(dataset)):
+                elements.update(int(z) for z in dataset[i].atomic_numbers.unique())
+        finally:
+            dataset.close()
+        return self._bulk_db(elements)
+
+    def _bulk_db(self, elements: set[int]) -> str:
+        """data/bulks-<elements>.pkl: the embedded bulks made only of `elements` (atomic numbers), written once."""
+        symbols = [chemical_symbols[z] for z in sorted(elements)]
+        path = self.out / "data" / f"bulks-{'-'.join(symbols)}.pkl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_file():
+            return str(path)
+        with open(resource_path("bulks.pkl"), "rb") as handle:
+            bulks = [b for b in pickle.load(handle) if set(b["atoms"].get_atomic_numbers()) <= elements]
+        if not bulks:
+            raise KdaugError(f"data.generate.elements: no embedded bulk is made of {', '.join(symbols)} only")
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as handle:
+            pickle.dump(bulks, handle)
+        os.replace(tmp, path)
+        return str(path)
+
+    # -- runs ---------------------------------------------------------------------------
+    def train_config(self, model: str, budget: Budget, out: Path, seed: int, train: Sequence[str],
+                     val: str, **changes) -> TrainConfig:
+        options = {"student": model, "train": tuple(train), "out": str(out), "seed": seed, "val": (val,),
+                   "device": self.config.device, "checkpoint_every": self.config.checkpoint_every,
+                   "eval_batch_size": self.config.eval_batch_size}
+        for field in dataclasses.fields(Budget):
+            value = getattr(budget, field.name)
+            if field.name != "recipe" and value is not None:
+                options[field.name] = value
+        if budget.epochs is not None:
+            options["max_steps"] = None
+        elif budget.max_steps is not None:
+            options["epochs"] = None
+        return load_config(TrainConfig, [budget.recipe] if budget.recipe else [], {**options, **changes})
+
+    def train_and_evaluate(self, name: str, config: TrainConfig, val: dict[str, str]) -> dict:
+        """Train (resuming a killed run) and evaluate on every validation set, unless `result.json` already
+        holds this configuration's result."""
+        out = Path(config.out)
+        result_path = out / RESULT
+        options = json.loads(json.dumps(dataclasses.asdict(config)))
+        if result_path.is_file():
+            result = json.loads(result_path.read_text())
+            if _same_outcome(result["config"], options):
+                logger.info("%s: finished before, skipped", name)
+                return result
+        logger.info("%s: training -> %s", name, out)
+        start = time.perf_counter()
+        summary = run_train(config, progress=self.progress)
+        seconds = time.perf_counter() - start
+        model = load_model(None, out / "student.pt", device=self.config.device)
+        metrics = {set_name: evaluate(model, [path], batch_size=self.config.eval_batch_size,
+                                      device=self.config.device) for set_name, path in val.items()}
+        result = {"name": name, "config": options, "steps": summary["steps"], "train_seconds": seconds,
+                  "val": metrics}
+        _write_json(result_path, result)
+        return result
+
+    def kd_changes(self, spec: RunSpec, teacher_ckpt: str) -> dict:
+        changes = {"kd": spec.kd, "online_share": spec.online_share}
+        if spec.kd != "none" or spec.online_rattle is not None or spec.online_adversarial is not None:
+            changes.update(teacher=self.config.teacher.model, teacher_checkpoint=teacher_ckpt)
+        if spec.kd != "none":
+            changes["kd_lambda"] = getattr(self.config.kd_lambda, spec.kd)
+        for key in ("mix_ratio", "rs_dft", "online_rattle", "online_adversarial"):
+            if getattr(spec, key) is not None:
+                changes[key] = getattr(spec, key)
+        return changes
+
+    # -- the study ----------------------------------------------------------------------
+    def run(self) -> dict:
+        config = self.config
+        self.out.mkdir(parents=True, exist_ok=True)
+        train, val = self.ground_truth()
+        first_val = next(iter(val.values()))
+        if config.teacher.checkpoint:
+            teacher_ckpt = config.teacher.checkpoint
+            teacher_result = {"val": {name: evaluate(load_model(config.teacher.model, teacher_ckpt), [path],
+                                                     batch_size=config.eval_batch_size, device=config.device)
+                                      for name, path in val.items()}}
+        else:
+            teacher_config = self.train_config(config.teacher.model, config.teacher.train, self.out / "teacher",
+                                               config.teacher_seed, train, first_val)
+            teacher_result = self.train_and_evaluate("teacher", teacher_config, val)
+            teacher_ckpt = str(self.out / "teacher" / "student.pt")
+        teacher = load_model(config.teacher.model, teacher_ckpt)
+        student = load_model(config.student.model)
+        runs, skipped = plan_runs(config, _unsupported_modes(student, teacher))
+        for note in skipped:
+            logger.warning("strategy %s skipped: %s", note["strategy"], note["reason"])
+        results: dict[str, dict[int, dict]] = {}
+        synthetic: dict[str, tuple[str, ...]] = {}
+        for spec in runs:
+            changes = self.kd_changes(spec, teacher_ckpt)
+            if spec.source is not None:
+                if spec.source not in synthetic:
+                    synthetic[spec.source] = self.synthetic(spec.source, train, teacher_ckpt)
+                changes["synthetic"] = synthetic[spec.source]
+            train_config = self.train_config(config.student.model, config.student.train, self.out / spec.folder,
+                                             spec.seed, train, first_val, **changes)
+            results.setdefault(spec.label, {})[spec.seed] = self.train_and_evaluate(
+                f"{spec.label} seed {spec.seed}", train_config, val)
+        report = self.report(val, teacher_result, results, skipped, runs)
+        if config.cka.enabled:
+            report["cka"] = self.cka(teacher, runs, first_val)
+            _write_json(self.out / "results.json", report)
+        return report
+
+    # -- results ------------------------------------------------------------------------
+    def report(self, val: dict[str, str], teacher_result: dict, results: dict[str, dict[int, dict]],
+               skipped: list[dict], runs: list[RunSpec]) -> dict:
+        """results.json, results.md, gap_closed.png, learning_curves.png; returns the JSON content."""
+        config = self.config
+        tables = {name: table_rows(teacher_result["val"][name],
+                                   {label: {seed: r["val"][name] for seed, r in by_seed.items()}
+                                    for label, by_seed in results.items()}, BASELINE) for name in val}
+        report = {"name": config.name, "commit": _commit(), "teacher": config.teacher.model,
+                  "student": config.student.model, "seeds": list(config.seeds), "val_sets": val,
+                  "tables": tables, "skipped": skipped,
+                  "train_seconds": {label: {str(s): r["train_seconds"] for s, r in by_seed.items()}
+                                    for label, by_seed in results.items()},
+                  "wall_seconds": time.perf_counter() - self.started}  # of this invocation (resumed: its part)
+        _write_json(self.out / "results.json", report)
+        lines = [f"# {config.name}: teacher {config.teacher.model}, student {config.student.model}",
+                 "", f"Seeds {', '.join(map(str, config.seeds))}: mean ± sample std over seeds; in brackets the "
+                 "share of the teacher-student gap closed, 100 (student - run) / (student - teacher) %, per seed "
+                 "against the baseline student of that seed (positive: towards the teacher, for every metric).",
+                 f"Commit {report['commit'] or 'unknown'}; this invocation took {report['wall_seconds'] / 60:.1f} min "
+                 f"(device {config.device})."]
+        for name, rows in tables.items():
+            lines += ["", f"## Validation set: {name} ({val[name]})", "", markdown_table(rows)]
+        if skipped:
+            lines += ["", "Skipped: " + "; ".join(f"{s['strategy']} ({s['reason']})" for s in skipped)]
+        (self.out / "results.md").write_text("\n".join(lines) + "\n")
+        plot_gap_closed(tables, self.out / "gap_closed.png", title=config.name)
+        logs: dict[str, list[Path]] = {}
+        for spec in runs:
+            logs.setdefault(spec.label, []).append(self.out / spec.folder / "log.jsonl")
+        teacher_log = self.out / "teacher" / "log.jsonl"
+        plot_learning_curves(logs, teacher_log if teacher_log.is_file() else None, self.out / "learning_curves.png",
+                             title=config.name)
+        return report
+
+    def cka(self, teacher, runs: list[RunSpec], data: str) -> dict:
+        """Teacher-vs-student CKA per run (cka.json in its folder), the baseline's mean map and each label's
+        mean gain over the baseline of the same seed (cka/<label>.png, distilled layer pair outlined)."""
+        config = self.config
+        folder = self.out / "cka"
+        folder.mkdir(exist_ok=True)
+        teacher_features, n_frames = collect_layer_features(teacher, [data], max_samples=config.cka.max_samples,
+                                                            device=config.device)
+        maps: dict[str, dict[int, np.ndarray]] = {}
+        student_layers: list[str] = []
+        marks: dict[str, tuple[str, str] | None] = {}
+        for spec in runs:
+            student = load_model(None, self.out / spec.folder / "student.pt", device=config.device)
+            features, _ = collect_layer_features(student, [data], max_samples=config.cka.max_samples,
+                                                 device=config.device)
+            student_layers = list(features)
+            maps.setdefault(spec.label, {})[spec.seed] = cka_map(teacher_features, features)
+            marks[spec.label] = _distilled_pair(spec.kd, teacher, student)
+        teacher_layers = list(teacher_features)
+        baseline = np.mean(list(maps[BASELINE].values()), axis=0)
+        plot_cka(baseline, teacher_layers, student_layers, folder / f"{slug(BASELINE)}.png",
+                 title=f"CKA teacher vs baseline student ({n_frames} frames)")
+        summary = {"data": data, "n_frames": n_frames, "teacher_layers": teacher_layers,
+                   "student_layers": student_layers, "baseline": baseline.round(6).tolist(), "gain": {}}
+        for label, by_seed in maps.items():
+            if label == BASELINE:
+                continue
+            gain = np.mean([m - maps[BASELINE][s] for s, m in by_seed.items()], axis=0)
+            summary["gain"][label] = {"gain": gain.round(6).tolist(), "distilled_pair": marks[label]}
+            plot_cka(gain, teacher_layers, student_layers, folder / f"{slug(label)}.png", diverging=True,
+                     mark=marks[label], title=f"CKA gain of {label} over the baseline student")
+        return summary
+
+
+def _atomic_numbers(symbols: Sequence[str]) -> set[int]:
+    unknown = [s for s in symbols if s not in atomic_numbers]
+    if unknown:
+        raise KdaugError(f"data.generate.elements: {', '.join(unknown)}: expected element symbols (Cu, Pt, ...)")
+    return {atomic_numbers[s] for s in symbols}
+
+
+def _same_outcome(before: dict, now: dict) -> bool:
+    return all(before.get(key) == now.get(key) for key in set(before) | set(now) if key not in NO_OUTCOME_CHANGE)
+
+
+def _unsupported_modes(student, teacher) -> dict[str, str]:
+    """{KD mode the pair cannot do: kdaug train's one-line reason}."""
+    reasons = {}
+    for mode in kd.KD_MODES:
+        try:
+            kd.check_kd_pair(mode, student, teacher)
+        except KdaugError as err:
+            reasons[mode] = str(err).removeprefix(f"--kd {mode}: ")
+    return reasons
+
+
+def _distilled_pair(mode: str, teacher, student) -> tuple[str, str] | None:
+    """(teacher layer, student layer) a feature KD mode distils between, None if no layer pair holds both taps."""
+    teacher_taps, student_taps = kd.required_taps(mode)
+    if not teacher_taps or not student_taps or "atom_energy" in teacher_taps:
+        return None
+    pair = (teacher.tap_layer(teacher_taps[0]), student.tap_layer(student_taps[0]))
+    return pair if None not in pair else None
+
+
+def _commit() -> str | None:
+    """The git commit of the kdaug source that ran the study (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, check=True,
+                              capture_output=True, text=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_study(config: StudyConfig, *, progress: bool = True) -> dict:
+    """Run (or resume) the study `config`; returns the content of its results.json."""
+    return Study(config, progress=progress).run()
