@@ -73,6 +73,8 @@ class CHGNetModel(AtomisticModel):
             self._graph_pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                                    initializer=_start_graph_worker,
                                                    initargs=(self.model.graph_converter,))
+            for _ in range(workers):  # start the processes now, not in the first forward that needs them
+                self._graph_pool.submit(int)
             self._graph_workers = workers
 
     def close_graph_workers(self) -> None:
