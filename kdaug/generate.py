@@ -126,7 +126,8 @@ def anomaly(result: RelaxResult) -> str | None:
         return "non_finite"
     energies = np.asarray(result.energies)
     force_max = max(float(np.linalg.norm(r.forces, axis=1).max()) for r in [*result.kept, result.final])
-    if np.abs(energies - energies[0]).max() / task.n_atoms > EXPLODED_EV_PER_ATOM or force_max > EXPLODED_FORCE_EV_PER_ANG:
+    drift_per_atom = np.abs(energies - energies[0]).max() / task.n_atoms
+    if drift_per_atom > EXPLODED_EV_PER_ATOM or force_max > EXPLODED_FORCE_EV_PER_ANG:
         return "exploded"
 
     def atoms_at(positions: np.ndarray) -> Atoms:

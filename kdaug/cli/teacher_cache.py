@@ -10,7 +10,8 @@ from kdaug.train.teacher_cache import CACHE_DTYPES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", required=True, help="teacher: a model config name (e.g. gemnet-oc), a YAML path or chgnet")
+    parser.add_argument("--teacher", required=True,
+                        help="teacher: a model config name (e.g. gemnet-oc), a YAML path or chgnet")
     parser.add_argument("--checkpoint", help="teacher checkpoint; its sha256 stamps the cache")
     parser.add_argument("--data", nargs="+", required=True,
                         help="frame LMDBs (files or directories of shards): every --train/--synthetic path to cache")
