@@ -144,11 +144,12 @@ def anomaly(result: RelaxResult) -> str | None:
 
 
 def result_counts(result: RelaxResult, reason: str | None, n_frames: int) -> dict[str, int]:
-    """What one finished system adds to the tally (the manifest's counters and the returned summary);
-    zero counts left out."""
+    """What one finished system adds to the tally (the manifest's counters and the returned summary): teacher
+    evaluations included; zero counts left out."""
+    evaluations = len(result.energies)
     if reason:
-        return {"systems": 1, "dropped": 1, f"dropped_{reason}": 1}
-    tally = {"systems": 1, "frames": n_frames, "converged": int(result.converged)}
+        return {"systems": 1, "evaluations": evaluations, "dropped": 1, f"dropped_{reason}": 1}
+    tally = {"systems": 1, "evaluations": evaluations, "frames": n_frames, "converged": int(result.converged)}
     return {key: n for key, n in tally.items() if n}
 
 
@@ -172,7 +173,7 @@ class WriterThread:
 
     def __init__(self, writer: LmdbWriter, teacher: AtomisticModel, *, bar: tqdm | None = None,
                  ahead: int = 64) -> None:
-        self.counts: Counter = Counter(systems=0, frames=0, converged=0, dropped=0)
+        self.counts: Counter = Counter(systems=0, evaluations=0, frames=0, converged=0, dropped=0)
         self._writer, self._teacher, self._bar = writer, teacher, bar
         self._results: queue.Queue = queue.Queue(maxsize=ahead)
         self._error: KdaugError | None = None
@@ -199,8 +200,9 @@ class WriterThread:
         self.counts.update(tally)
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(frames=self.counts["frames"],
-                                  frames_per_s=f"{self.counts['frames'] / (time.perf_counter() - self._start):.2f}")
+            seconds = time.perf_counter() - self._start
+            self._bar.set_postfix(frames=self.counts["frames"], frames_per_s=f"{self.counts['frames'] / seconds:.2f}",
+                                  evaluations_per_s=f"{self.counts['evaluations'] / seconds:.1f}")
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -216,6 +218,26 @@ class WriterThread:
             self._results.put(None)
             self._thread.join()
         self._raise_error()
+
+
+class TeacherPace:
+    """The relaxer's `on_step`: counts teacher evaluations (systems per forward) and times the first one
+    from `start` (the call of `run_generate`)."""
+
+    def __init__(self, start: float) -> None:
+        self.start = start
+        self.evaluations, self.first = 0, None
+
+    def __call__(self, n_systems: int, n_atoms: int) -> None:
+        self.evaluations += n_systems
+        self.first = self.first or time.perf_counter()
+
+    def summary(self) -> dict[str, float | int | None]:
+        """Run time, evaluations, their rate, and the seconds to the first evaluation (None: none made)."""
+        seconds = time.perf_counter() - self.start
+        return {"seconds": round(seconds, 2), "evaluations": self.evaluations,
+                "evaluations_per_s": round(self.evaluations / seconds, 3),
+                "first_evaluation_s": None if self.first is None else round(self.first - self.start, 2)}
 
 
 @contextlib.contextmanager
@@ -247,12 +269,15 @@ def threads_beside_workers(device: str, n_workers: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def run_generate(config: GenerateConfig, *, progress: bool = True, on_step=None) -> dict:
-    """Generate (or resume) this shard's part of the dataset; returns the summary counts.
+def run_generate(config: GenerateConfig, *, progress: bool = True) -> dict:
+    """Generate (or resume) this shard's part of the dataset; returns the summary: this run's counts, seconds,
+    teacher evaluations and their rate, and the seconds from the call to the first teacher evaluation.
 
     Three things run at once: sampling (`num_workers` processes, systems taken in the order they are ready),
     the relaxer (this thread), and the checks and LMDB writes (`WriterThread`).
     """
+    start = time.perf_counter()
+    pace = TeacherPace(start)
     shard_index, num_shards = shard_from_environment(config.num_shards, config.shard_index)
     stem = "data" if num_shards == 1 else f"shard{shard_index:04d}-of-{num_shards:04d}"
     # Everything that can reject the input comes before the first byte is written.
@@ -282,11 +307,10 @@ def run_generate(config: GenerateConfig, *, progress: bool = True, on_step=None)
         max_systems = config.max_systems_per_batch or (1 if config.device == "cpu" else 32)
         relaxer = BatchedRelaxer(teacher, optimizer=config.optimizer, fmax=config.fmax, max_steps=config.max_steps,
                                  max_systems=max_systems, max_atoms=config.max_atoms_per_batch,
-                                 device=config.device, on_step=on_step)
+                                 device=config.device, on_step=pace)
         keep = FrameSelector(config.seed, config.frame_fraction)
         tasks = (RelaxTask.from_atoms(system.atoms, sid=system.sid, payload=system.details)
                  for system in iter_systems(sampler, sids, num_workers=config.num_workers))
-        start = time.perf_counter()
         with (writer, tqdm(total=len(sids), desc=f"generate {stem}", unit=" systems", disable=not progress) as bar,
               ReadyTasks(tasks, ahead=max_systems + config.num_workers) as ready):
             background = WriterThread(writer, teacher, bar=bar)
@@ -295,8 +319,8 @@ def run_generate(config: GenerateConfig, *, progress: bool = True, on_step=None)
                     background.submit(result)
             finally:
                 background.close()
-    elapsed = time.perf_counter() - start
-    counts = {**background.counts, "seconds": round(elapsed, 2)}
-    logger.info("done: %d systems (%d converged, %d dropped), %d frames in %.1f s -> %s",
-                counts["systems"], counts["converged"], counts["dropped"], counts["frames"], elapsed, config.out)
+    counts = {**background.counts, **pace.summary()}  # the evaluations of this run (the tally's, unless resumed)
+    logger.info("done: %d systems (%d converged, %d dropped), %d frames, %d teacher evaluations in %.1f s -> %s",
+                counts["systems"], counts["converged"], counts["dropped"], counts["frames"],
+                counts["evaluations"], counts["seconds"], config.out)
     return counts

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,7 +205,12 @@ def test_generate_writes_fixed_atoms_unmoved_and_provenance(bulk_db, tmp_path):
         assert set(details) >= {"miller", "shift", "adsorbate_id", "placement", "n_steps", "converged", "seed"}
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["n_frames"] == len(frames)
-    assert manifest["counters"] == {key: n for key, n in summary.items() if n and key != "seconds"}
+    timing = ("seconds", "evaluations_per_s", "first_evaluation_s")
+    assert manifest["counters"] == {key: n for key, n in summary.items() if n and key not in timing}
+    steps = {frame.sid: frame.provenance.details["n_steps"] for frame in frames.values()}
+    assert len(steps) == summary["systems"]  # every system kept frames: each cost its steps plus the start
+    assert summary["evaluations"] == sum(n + 1 for n in steps.values())
+    assert 0 < summary["first_evaluation_s"] < summary["seconds"]
     assert manifest["creation_args"]["teacher"] == "emt" and manifest["creation_args"]["precision"] == "fp32"
 
 
@@ -226,6 +232,37 @@ def test_two_shards_equal_the_unsharded_run(bulk_db, tmp_path):
     from fairchem.core.datasets import LmdbDataset
 
     assert len(LmdbDataset({"src": str(tmp_path / "sharded")})) == len(whole)
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (Linux)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_until(condition, seconds: float = 20.0) -> bool:
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+def test_sampling_workers_end_with_their_killed_parent(bulk_db):
+    code = ("import sys; from kdaug.sampling.oc import SamplerConfig, SystemSampler, iter_systems\n"
+            "sampler = SystemSampler(SamplerConfig(bulk_db=sys.argv[1], adsorbate_ids=(0,), max_miller=1))\n"
+            "for system in iter_systems(sampler, range(10**6), num_workers=2, ahead=2):\n"
+            "    print(system.sid, flush=True)\n")
+    process = subprocess.Popen([sys.executable, "-c", code, str(bulk_db)], cwd=ROOT, stdout=subprocess.PIPE)
+    for _ in range(4):  # past the in-process start: the workers deliver
+        process.stdout.readline()
+    children = [int(pid) for task in Path(f"/proc/{process.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()]
+    workers = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(workers) == 2 and wait_until(lambda: not any(map(running, workers)))
 
 
 def test_kill_and_resume_gives_the_same_frames(bulk_db, tmp_path):
@@ -261,8 +298,9 @@ def test_workers_completing_out_of_order_give_the_in_process_frames(bulk_db, tmp
     in_process = run_generate(small_config(bulk_db, tmp_path / "serial"), progress=False)
     pooled = run_generate(small_config(bulk_db, tmp_path / "pooled", num_workers=2), progress=False)
     assert_same_frames(read_frames(tmp_path / "serial"), read_frames(tmp_path / "pooled"))
-    assert {k: v for k, v in in_process.items() if k != "seconds"} == {k: v for k, v in pooled.items()
-                                                                      if k != "seconds"}
+    timing = ("seconds", "evaluations_per_s", "first_evaluation_s")
+    assert {k: v for k, v in in_process.items() if k not in timing} == {k: v for k, v in pooled.items()
+                                                                        if k not in timing}
 
 
 def test_a_failing_write_stops_the_run_in_one_line_and_keeps_what_was_committed(bulk_db, tmp_path, monkeypatch):

@@ -9,7 +9,6 @@ differentiable w.r.t. `batch.pos` (forces are built with create_graph=True).
 from __future__ import annotations
 
 import pickle
-import signal
 
 import numpy as np
 import torch
@@ -17,6 +16,7 @@ from pymatgen.core import Lattice, Structure
 from torch_geometric.data import Batch
 
 from kdaug.models.protocol import AtomisticModel, ModelOutput
+from kdaug.workers import worker_pool
 
 CHGNET_VERSION = "0.3.0"
 
@@ -31,7 +31,6 @@ _worker_converter = None
 
 def _start_graph_worker(converter) -> None:
     global _worker_converter
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group; only the parent reports it
     torch.set_num_threads(1)
     _worker_converter = converter
 
@@ -67,12 +66,7 @@ class CHGNetModel(AtomisticModel):
         bound by the GIL, so on a GPU the host's graph building, not the model, sets the pace unless it is spread."""
         self.close_graph_workers()
         if workers > 0:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            self._graph_pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                   initializer=_start_graph_worker,
-                                                   initargs=(self.model.graph_converter,))
+            self._graph_pool = worker_pool(workers, _start_graph_worker, self.model.graph_converter)
             for _ in range(workers):  # start the processes now, not in the first forward that needs them
                 self._graph_pool.submit(int)
             self._graph_workers = workers

@@ -15,7 +15,6 @@ import importlib.util
 import itertools
 import os
 import pickle
-import signal
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -29,6 +28,7 @@ from ase.data import chemical_symbols
 
 from kdaug.errors import KdaugError
 from kdaug.resources import resource_path
+from kdaug.workers import worker_pool
 
 DEFAULT_BULK_DB = resource_path("bulks.pkl")
 PLACEMENT_MODES = ("random_site_heuristic_placement", "heuristic", "random")
@@ -282,7 +282,6 @@ _worker_sampler: SystemSampler | None = None
 
 def _start_worker(config: SamplerConfig) -> None:
     global _worker_sampler
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the process group; only the parent reports it
     import_oc_core_without_fairchem_core()
     _worker_sampler = SystemSampler(config)
 
@@ -300,15 +299,12 @@ def iter_systems(sampler: SystemSampler, sids: Sequence[int], *, num_workers: in
         for sid in sids:
             yield sampler.sample(sid)
         return
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
-    ahead = ahead or 4 * num_workers
     pending_sids = iter(sids)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(num_workers, mp_context=context, initializer=_start_worker,
-                             initargs=(sampler.config,)) as pool:
-        in_flight = {pool.submit(_sample_in_worker, sid) for sid in itertools.islice(pending_sids, ahead)}
+    with worker_pool(num_workers, _start_worker, sampler.config) as pool:
+        in_flight = {pool.submit(_sample_in_worker, sid)
+                     for sid in itertools.islice(pending_sids, ahead or 4 * num_workers)}
         try:
             while in_flight:
                 finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
