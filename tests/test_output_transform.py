@@ -8,7 +8,7 @@ import torch
 
 from kdaug.data.batch import batch_from_frames
 from kdaug.data.convert import frame_to_atoms
-from kdaug.models import load_model
+from kdaug.models import load_model, load_teacher
 from kdaug.models.contract import validate_model
 from kdaug.models.fairchem_v1 import FairchemModel
 from kdaug.train.checkpoint import fairchem_config
@@ -80,6 +80,8 @@ def test_checkpoint_normalizers_give_ev_like_ocpcalculator(frames, tmp_path, con
     references = reference_sum(frames) if elementrefs else torch.zeros(len(frames))
     torch.testing.assert_close(out.energy, e_std * raw_energy + energy_norm["mean"] + references)
     torch.testing.assert_close(out.forces, f_std * raw_forces)
+    teacher_energy = load_teacher(config, path)(batch_from_frames(frames)).energy
+    assert torch.equal(teacher_energy, out.energy)
     plain_energy, plain_forces, _ = raw_and_output(plain, frames)
     torch.testing.assert_close(raw_energy, plain_energy)  # the same weights underneath
     torch.testing.assert_close(raw_forces, plain_forces)
