@@ -90,8 +90,8 @@ def test_checkpoint_normalizers_give_ev_like_ocpcalculator(frames, tmp_path, con
     atoms.calc = OCPCalculator(checkpoint_path=path, cpu=True)
     assert atoms.get_potential_energy() == pytest.approx(float(out.energy[0]), abs=1e-4)
     n_first = len(frames[0].atomic_numbers)
-    torch.testing.assert_close(torch.tensor(atoms.get_forces(apply_constraint=False), dtype=torch.float32), out.forces[:n_first],
-                               atol=1e-4, rtol=1e-5)
+    forces = torch.tensor(atoms.get_forces(apply_constraint=False), dtype=torch.float32)
+    torch.testing.assert_close(forces, out.forces[:n_first], atol=1e-4, rtol=1e-5)
 
 
 def test_atom_energies_sum_to_the_transformed_energy_and_the_contract_holds(frames):
