@@ -148,24 +148,21 @@ class Trainer:
                 raise KdaugError(f"--out {self.out}: holds a run started with other options "
                                  f"({', '.join(changed)}); use another --out or the same options")
         checkpoint = self.out / "checkpoint.pt"
-        fitted = None
         if checkpoint.is_file():
             self._load(torch.load(checkpoint, map_location=self.device, weights_only=False))
             logger.info("resuming %s at step %d", self.out, self.step)
         else:
-            fitted = self._fit_output_transform()
+            logger.info("student output transform: %s", self._fit_output_transform())
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             saved_config.write_text(json.dumps(options, indent=1))
             _truncate_log(self.out / "log.jsonl", self.step)
             if self.step:
                 self._log({"step": self.step, "epoch": self.epoch, "resumed": True})
-            if fitted is not None:
-                self._log({"step": 0, "output_transform": fitted})
 
     def _fit_output_transform(self) -> dict:
         """Fit the student's output transform on the training set (a student checkpoint's own is kept);
-        what it holds now, for the log."""
+        what it holds now and where from, for the log."""
         transform = self.student.output_transform
         config = self.config
         if transform.is_identity:
