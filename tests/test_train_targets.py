@@ -10,7 +10,7 @@ import torch
 from kdaug.data.convert import frame_to_data
 from kdaug.data.lmdb import LmdbWriter
 from kdaug.evaluate import evaluate
-from kdaug.train import loop
+from kdaug.train import loop, target_stats
 from kdaug.train.config import TrainConfig
 from kdaug.train.data import TrainingSet
 from kdaug.train.loop import Trainer
@@ -77,6 +77,23 @@ def test_reference_fit_recovers_known_per_element_energies():
     assert transform.forces == pytest.approx((0.0, force_rms), rel=1e-5)
     conservative = fit_output_transform(samples, energy_reference="linear", normalize=True, conservative=True, seed=0)
     assert conservative.energy[1] == conservative.forces[1] == pytest.approx(force_rms, rel=1e-5)
+
+
+def test_collinear_compositions_get_the_minimum_norm_fit_and_large_sets_a_seeded_sample(monkeypatch):
+    frames = emt_frames(6)  # Cu12 O, Pt12 H, Au12 C: 6 elements, 3 independent compositions
+    counts = np.stack([np.bincount(f.atomic_numbers, minlength=N_ELEMENTS) for f in frames])
+    energies = np.array([f.energy for f in frames]) + counts @ np.linspace(-5, -1, N_ELEMENTS)
+    fitted = fit_references(counts, energies)
+    residual = energies - counts @ fitted
+    assert abs(residual.mean()) < 1e-9 and residual.std() < np.std([f.energy for f in frames])
+    assert np.linalg.norm(fitted) <= np.linalg.norm(fitted + np.linalg.svd(counts)[2][-1])  # a null direction
+
+    samples = [frame_to_data(f) for f in emt_frames(12)]
+    monkeypatch.setattr(target_stats, "MAX_FIT_SAMPLES", 5)
+    fits = [fit_output_transform(samples, energy_reference="linear", normalize=True, conservative=False, seed=s)
+            for s in (0, 0, 1)]
+    assert fits[0].n_samples == 5 and fits[0].energy != fits[2].energy
+    assert fits[0].energy == fits[1].energy and torch.equal(fits[0].references, fits[1].references)
 
 
 def energy_mae_after_training(dft, out, **options) -> float:

@@ -11,6 +11,9 @@ sample of at most `MAX_FIT_SAMPLES` training frames (drawn without replacement b
 3. force normalizer: mean 0 and the root mean square of the force vectors of free atoms (eV/A), the force
    loss's atoms (fairchem's fit uses every atom).
 
+fairchem's functions are not called because they would read the sample twice through DataLoaders of full
+batches, hold the energies in float32 (totals of hundreds of eV lose meV) and count fixed atoms in the force rms.
+
 A conservative student (forces = -dE/dpos) gets the force rms as its energy scale too, since one scale
 must multiply both for its forces to stay the gradient of its energy (fairchem's OC20 configs likewise
 share one std). A scale that is zero or undefined (one frame, no free atoms) is 1.
