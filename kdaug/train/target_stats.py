@@ -12,7 +12,7 @@ sample of at most `MAX_FIT_SAMPLES` training frames (drawn without replacement b
    loss's atoms (fairchem's fit uses every atom).
 
 fairchem's functions are not called because they would read the sample twice through DataLoaders of full
-batches, hold the energies in float32 (totals of hundreds of eV lose meV) and count fixed atoms in the force rms.
+batches, hold the energies in float32 (1e-7 relative) and count fixed atoms in the force rms.
 
 A conservative student (forces = -dE/dpos) gets the force rms as its energy scale too, since one scale
 must multiply both for its forces to stay the gradient of its energy (fairchem's OC20 configs likewise
