@@ -70,12 +70,18 @@ def test_mixed_training_writes_run_files_and_the_export_runs_in_ocpcalculator(da
     assert any(0 < r["synthetic_share"] for r in train_lines)
     assert "val" in read_log(tmp_path)[-1]
 
+    exported = torch.load(tmp_path / "student.pt", weights_only=False)
+    energy_norm, forces_norm = exported["normalizers"]["energy"], exported["normalizers"]["forces"]
+    assert float(energy_norm["rmsd"]) not in (1.0, float(forces_norm["rmsd"])) and float(forces_norm["rmsd"]) != 1.0
+    assert exported["elementrefs"]["energy"]["element_references"][[1, 6, 8, 29, 78, 79]].all()
+
     atoms = emt_slab("Pt", "H", seed=3)
     expected = load_model(None, tmp_path / "student.pt")
     frame_batch = batch_from_frames([_frame(atoms)])
-    energy = float(expected(frame_batch).energy)
+    output = expected(frame_batch)
     atoms.calc = OCPCalculator(checkpoint_path=str(tmp_path / "student.pt"), cpu=True)
-    assert atoms.get_potential_energy() == pytest.approx(energy, abs=1e-4)
+    assert atoms.get_potential_energy() == pytest.approx(float(output.energy), abs=1e-4)
+    np.testing.assert_allclose(atoms.get_forces(apply_constraint=False), output.forces.detach().numpy(), atol=1e-4)
 
 
 def _frame(atoms):

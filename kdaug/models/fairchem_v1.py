@@ -11,6 +11,10 @@ forward that asks for them (no taps, no hooks):
 `layer_features` records the scalar node features after each of fairchem's interaction blocks
 (PaiNN: message + update layer i, after its scale factor; SchNet: h + interactions[i](h);
 GemNet-OC: h of int_blocks[i], then the aggregated x_E) through forward hooks as well, for CKA.
+
+Energy, forces and the atom_energy tap leave through `output_transform` (`kdaug.models.output_transform`):
+the normalizers and element references a fairchem checkpoint was trained with are undone inside forward,
+so every caller gets eV and eV/A, as fairchem's `OCPCalculator` does. Without them the outputs are the raw ones.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 from torch_geometric.data import Batch
 
 from kdaug.errors import KdaugError
+from kdaug.models.output_transform import OutputTransform
 from kdaug.models.protocol import AtomisticModel, EdgeFeatures, ModelOutput
 
 # (module attribute, what to record): "input0"/"input1" = positional input, "output" = output.
@@ -94,6 +99,10 @@ class FairchemModel(AtomisticModel):
         model_name: fairchem registry name ("painn", "schnet", "gemnet_oc").
         model_kwargs: constructor arguments (saved with checkpoints).
         name: display name (e.g. "painn-small").
+
+    Attributes:
+        output_transform: normalizers and element references applied to the module's outputs
+            (identity until a checkpoint or `kdaug train` sets them); its buffers are in `state_dict`.
     """
 
     weights_from_checkpoint = True
@@ -110,8 +119,14 @@ class FairchemModel(AtomisticModel):
         self._sites = sites
         self.implemented_taps = frozenset(sites)
         self.supported_elements = frozenset(range(1, _N_ELEMENTS[model_name] + 1))
-        self.conservative = not getattr(module, "direct_forces", False)
+        self.output_transform = OutputTransform()
         self.atom_energy_sums_to_energy = getattr(module, "extensive", True)  # GemNet-OC may average instead
+
+    @property
+    def conservative(self) -> bool:
+        """Gradient forces, and a transform that scales energy and forces alike (fairchem applies a
+        checkpoint's normalizers even where they differ; then the forces are no longer -dE/dpos)."""
+        return not getattr(self.module, "direct_forces", False) and self.output_transform.keeps_forces_conservative
 
     @contextlib.contextmanager
     def _recording(self, taps: tuple[str, ...]) -> Iterator[dict[str, Any]]:
@@ -186,27 +201,31 @@ class FairchemModel(AtomisticModel):
         batch.pos = wrap_positions(batch.pos, batch.cell, batch.batch)
         with self._recording(taps) as recorded:
             out = self.module(batch)
+        transform = self.output_transform
         result = {}
         for tap in taps:
             value = recorded[tap]
             if tap == "atom_energy":
-                value = value.view(-1)
+                value = transform.atom_energy_out(value.view(-1), batch)
             elif tap == "edge":
                 graph = recorded["main_graph"]
                 value = EdgeFeatures(features=value, edge_index=graph["edge_index"], vectors=graph["vector"])
             result[tap] = value
-        return ModelOutput(energy=out["energy"].view(-1), forces=out["forces"], taps=result)
+        return ModelOutput(energy=transform.energy_out(out["energy"].view(-1), batch),
+                           forces=transform.forces_out(out["forces"]), taps=result)
 
     # -- checkpoints -----------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
-        """Write a fairchem-style checkpoint: config["model"] + model_attributes and a `module.` state dict."""
+        """Write a fairchem-style checkpoint: config["model"] + model_attributes, a `module.` state dict,
+        and the output transform as fairchem's "normalizers" and "elementrefs"."""
         state = {f"module.{key}": value for key, value in self.module.state_dict().items()}
         config = {"model": self.model_name, "model_attributes": self.model_kwargs, "kdaug_name": self.name}
-        torch.save({"state_dict": state, "config": config}, path)
+        torch.save({"state_dict": state, "config": config, **self.output_transform.checkpoint_entries()}, path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Load a fairchem v1 checkpoint: strips `module.` prefixes, prefers EMA weights,
-        applies legacy GemNet-OC scale factors; names the mismatched keys otherwise."""
+        """Load a fairchem v1 checkpoint: strips `module.` prefixes, prefers EMA weights, applies legacy
+        GemNet-OC scale factors and the checkpoint's normalizers and element references; names the
+        mismatched keys otherwise."""
         checkpoint = read_checkpoint(path)
         state = {_strip_module(key): value for key, value in checkpoint.get("state_dict", checkpoint).items()}
         own = self.module.state_dict()
@@ -241,6 +260,7 @@ class FairchemModel(AtomisticModel):
             except ValueError as err:
                 msg = f"checkpoint {path}: its scale_dict does not fit model config {self.name} ({err.args[1]})"
                 raise KdaugError(msg) from err
+        self.output_transform.load_checkpoint_entries(checkpoint, str(path))
         self.checkpoint_sha256 = sha256_of(path)
 
 

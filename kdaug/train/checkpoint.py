@@ -3,7 +3,8 @@
 `checkpoint.pt` holds everything a resumed run needs to continue on the same data order and
 loss curve (student, KD maps, optimizer, scheduler, EMA, step, epoch, batch within the epoch,
 the resolved config). `student.pt` is a fairchem v1 checkpoint of the student alone, with the
-EMA weights, that fairchem's `OCPCalculator(checkpoint_path=...)` loads; the KD maps are dropped.
+EMA weights and its output transform as fairchem's "normalizers" and "elementrefs", which fairchem's
+`OCPCalculator(checkpoint_path=...)` loads and applies as kdaug does; the KD maps are dropped.
 Both are written to a temporary file and renamed, so a kill never leaves a half-written file.
 """
 
@@ -46,8 +47,8 @@ def fairchem_config(student: FairchemModel, *, batch_size: int, seed: int) -> di
 
 
 def export_student(student: FairchemModel, path: Path, *, batch_size: int, seed: int) -> None:
-    """Write the student's current weights as a fairchem v1 checkpoint (no normalizers: raw eV targets)."""
+    """Write the student's current weights and output transform as a fairchem v1 checkpoint."""
     state = {f"module.{key}": value.detach().cpu() for key, value in student.module.state_dict().items()}
     checkpoint = {"state_dict": state, "config": fairchem_config(student, batch_size=batch_size, seed=seed),
-                  "normalizers": {}, "amp": None}
+                  **student.output_transform.checkpoint_entries(), "amp": None}
     atomic_save(checkpoint, path)

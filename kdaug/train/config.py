@@ -37,6 +37,10 @@ class TrainConfig:
         "none", help="KD strategy: none, vanilla1, vanilla2, n2n, e2n, v2v")
     kd_lambda: float | None = option(None, help="weight of the KD loss (default: the paper's Table 7 for the pair)")
     kd_loss: Literal["mse", "mae"] = option("mse", help="KD feature loss: mse or mae")
+    energy_reference: Literal["linear", "none"] = option(
+        "linear", help="per-element energy references fitted on --train/--synthetic by least squares (linear) or none")
+    normalize: bool = option(
+        True, help="scale the student's outputs by the energy/force spread of the training set (mean/rms)")
     energy_coefficient: float = option(1.0, help="alpha_E, weight of the energy loss")
     force_coefficient: float = option(100.0, help="alpha_F, weight of the force loss")
     online_rattle: float | None = option(

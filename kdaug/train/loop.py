@@ -1,5 +1,9 @@
 """`run_train`: train a student on DFT + synthetic data, with or without knowledge distillation.
 
+Before the first step of a fresh run the student's output transform (per-element energy references,
+energy/force normalizers; `kdaug.train.target_stats`) is fitted on the training set, unless the student
+checkpoint brings its own (kept: it is part of those weights). A resumed run takes it from checkpoint.pt.
+
 Per step: a batch drawn by `MixedBatchSampler` (alpha_target of synthetic samples per epoch),
 optionally a share of it replaced by online-perturbed, teacher-labelled copies, per-system weights
 from r_s/dft, then L = L0 + lambda L_KD on the student, AdamW, gradient clipping, LR schedule and EMA.
@@ -46,6 +50,7 @@ from kdaug.train.mixing import MixedBatchSampler, batch_weights
 from kdaug.train.online import OnlineAugmenter
 from kdaug.train.report import plot_curves
 from kdaug.train.schedule import build_scheduler
+from kdaug.train.target_stats import fit_output_transform
 from kdaug.train.teacher_cache import TeacherCache
 
 logger = logging.getLogger(__name__)
@@ -146,12 +151,32 @@ class Trainer:
         if checkpoint.is_file():
             self._load(torch.load(checkpoint, map_location=self.device, weights_only=False))
             logger.info("resuming %s at step %d", self.out, self.step)
+        else:
+            logger.info("student output transform: %s", self._fit_output_transform())
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             saved_config.write_text(json.dumps(options, indent=1))
             _truncate_log(self.out / "log.jsonl", self.step)
             if self.step:
                 self._log({"step": self.step, "epoch": self.epoch, "resumed": True})
+
+    def _fit_output_transform(self) -> dict:
+        """Fit the student's output transform on the training set (a student checkpoint's own is kept);
+        what it holds now and where from, for the log."""
+        transform = self.student.output_transform
+        config = self.config
+        if transform.is_identity:
+            fitted = fit_output_transform(self.data, energy_reference=config.energy_reference,
+                                          normalize=config.normalize, conservative=self.student.conservative,
+                                          seed=config.seed)
+            transform.set(energy=fitted.energy, forces=fitted.forces, references=fitted.references)
+            source = f"fitted on {fitted.n_samples} training samples"
+        else:
+            source = f"kept from --student-checkpoint {config.student_checkpoint}"
+        references = transform.references.element_references
+        return {"source": source, "energy_mean": float(transform.energy.mean),
+                "energy_rmsd": float(transform.energy.rmsd), "forces_rmsd": float(transform.forces.rmsd),
+                "references": {int(z): float(references[z]) for z in references.nonzero().flatten()}}
 
     def _state(self) -> dict:
         return {"student": self.student.state_dict(), "head": self.head.state_dict(),

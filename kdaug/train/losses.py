@@ -7,6 +7,14 @@ L0 = alpha_E * L_E + alpha_F * L_F with
 
 Each system's terms are scaled by its weight (the r_s/dft weights of `kdaug.train.mixing`), and an
 atom carries its system's weight; with all weights 1 the loss is fairchem's.
+
+The loss compares eV outputs with eV targets, although the student's output transform (normalizers with
+scales s_E, s_F and element references; `kdaug.models.output_transform`) makes it what fairchem trains
+in normalized space: the references cancel in E - E_target, so the eV errors are s_E and s_F times the
+normalized ones, and L0 in eV is s times fairchem's normalized L0 when s_E == s_F == s (always so for a
+conservative student). AdamW's update does not change under a constant factor on the loss (up to its
+eps), only the gradient-clipping threshold acts on s times larger gradients. Computing in eV keeps L0
+comparable across runs and the KD losses, which compare with teacher outputs in eV, unchanged.
 """
 
 from __future__ import annotations
