@@ -55,6 +55,9 @@ class Budget:
     lr: float | None = option(None, help="initial learning rate")
     ema_decay: float | None = option(None, help="EMA of the weights used for validation and export")
     val_every: int | None = option(None, help="validate every this many steps (learning curves)", unit="steps")
+    energy_reference: Literal["linear", "none"] | None = option(None, help="per-element energy references (kdaug "
+                                                                          "train --energy-reference)")
+    normalize: bool | None = option(None, help="output normalizers (kdaug train --normalize)")
 
 
 @dataclass(frozen=True, kw_only=True)
