@@ -13,7 +13,9 @@ Prints a markdown table from one run on one machine:
   from its first teacher step on (start-up left out, as it is in a long run), the time to the first teacher
   step, and the command's wall time;
 - the sampler's systems/s per worker count (worker start-up included);
-- the d1M estimate: 100k systems x 100 evaluations at the end-to-end rate, in device-hours.
+- the d1M estimate: 100k systems x 100 evaluations at the end-to-end rate, in device-hours;
+- the edges per atom of each of the teacher's graphs (its cutoff and neighbour cap): where they vary, an atom
+  budget mis-sizes that graph.
 The workload is real relaxations to `--fmax`: systems finish at different steps (their spread is printed).
 A GNN config runs with random weights (saved as a checkpoint so `generate` can load it as a teacher); their
 forces have no physical scale, so pass `--fmax-of-start` (e.g. 0.5) to stop at a fraction of the start.
@@ -45,7 +47,25 @@ from pathlib import Path
 import numpy as np
 
 D1M_EVALUATIONS = 100_000 * 100
-EDGE_CUTOFF = 6.0  # A, GemNet-OC's and PaiNN's OC20 cutoff: a forward's cost follows its edges
+UNCAPPED = 10**9
+
+
+def teacher_graphs(teacher) -> dict[str, tuple[float, int]]:
+    """(cutoff in A, neighbour cap) of each graph a fairchem teacher builds, read from its module's cutoff and
+    max_neighbors attributes (GemNet-OC: main, qint, aeaint, aint); other teachers: every neighbour within 6 A."""
+    module = getattr(teacher, "module", None)
+    graphs = {suffix.lstrip("_") or "main": (getattr(module, f"cutoff{suffix}"),
+                                             getattr(module, f"max_neighbors{suffix}"))
+              for suffix in ("", "_qint", "_aeaint", "_aint") if getattr(module, f"cutoff{suffix}", None) is not None}
+    return graphs or {"all": (6.0, UNCAPPED)}
+
+
+def edges_per_atom(atoms, cutoff: float, cap: int) -> float:
+    """Directed edges per atom of a radius graph keeping at most `cap` neighbours of each atom (as fairchem's)."""
+    from ase.neighborlist import neighbor_list
+
+    degrees = np.bincount(neighbor_list("i", atoms, cutoff), minlength=len(atoms))
+    return float(np.minimum(degrees, cap).sum() / len(atoms))
 
 
 def teacher_and_checkpoint(name: str, device: str, folder: Path) -> tuple[object, str | None]:
@@ -125,7 +145,6 @@ def run_command(command: list[str]) -> tuple[dict, float]:
 
 def main() -> None:
     import torch
-    from ase.neighborlist import neighbor_list
 
     from benchmarks.common import rate
     from kdaug.data.batch import batch_from_frames
@@ -161,7 +180,8 @@ def main() -> None:
     systems = [sampler.sample(sid) for sid in range(args.systems)]
     tasks = [RelaxTask.from_atoms(s.atoms, sid=s.sid, payload=s.details) for s in systems]
     n_atoms = [t.n_atoms for t in tasks]
-    edges_per_atom = [len(neighbor_list("i", s.atoms, EDGE_CUTOFF)) / len(s.atoms) for s in systems]
+    graph_sizes = {name: [edges_per_atom(s.atoms, cutoff, cap) for s in systems]
+                   for name, (cutoff, cap) in teacher_graphs(teacher).items()}
     if args.fmax_of_start is not None:
         args.fmax = float(args.fmax_of_start * np.median(initial_fmax(teacher, tasks, args.batch, args.device)))
     batch_tasks = tasks[: args.batch]
@@ -190,9 +210,11 @@ def main() -> None:
           f"precision {args.precision}, batch {args.batch}, {args.systems} systems at max_miller {args.max_miller} "
           f"({int(np.median(n_atoms))} atoms median, {min(n_atoms)}-{max(n_atoms)}), {args.optimizer} to fmax "
           f"{args.fmax:.3g} in at most {args.max_steps} steps: steps per system min/median/max "
-          f"{min(steps)}/{int(np.median(steps))}/{max(steps)}, {summary['converged']} converged; edges per atom "
-          f"within {EDGE_CUTOFF} A min/median/max {min(edges_per_atom):.0f}/{np.median(edges_per_atom):.0f}/"
-          f"{max(edges_per_atom):.0f}")
+          f"{min(steps)}/{int(np.median(steps))}/{max(steps)}, {summary['converged']} converged")
+    print("edges per atom of the teacher's graphs (an atom budget sizes a graph only as far as these are equal): "
+          + "; ".join(f"{name} ({cutoff:g} A, cap {'none' if cap == UNCAPPED else cap}) min/median/max "
+                      f"{min(sizes):.0f}/{np.median(sizes):.0f}/{max(sizes):.0f}"
+                      for (name, sizes), (cutoff, cap) in zip(graph_sizes.items(), teacher_graphs(teacher).values())))
     if tf32_error is not None:
         print(f"TF32 vs fp32 labels on the first batch: max |dE| {tf32_error[0] * 1000:.3f} meV/atom, "
               f"max |dF| {tf32_error[1]:.4f} eV/A")
