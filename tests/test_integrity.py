@@ -394,8 +394,9 @@ def test_ctrl_c_is_one_line_exit_130_and_resumable(tmp_path, bulk_db):
     args = [sys.executable, "-m", "kdaug", *generate_args(bulk_db, out, "--frame-fraction", "1")]
     args[args.index("--n-systems") + 1] = "40"
     args[args.index("--num-workers") + 1] = "1"
+    # A shell's background job inherits SIGINT ignored, and Python then keeps ignoring it: restore the default.
     process = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     manifest = out / "manifest.json"
     while time.time() < deadline and not (manifest.exists() and json.loads(manifest.read_text())["n_frames"]):

@@ -61,7 +61,7 @@ def test_mixed_training_writes_run_files_and_the_export_runs_in_ocpcalculator(da
     from fairchem.core.common.relaxation.ase_utils import OCPCalculator
 
     summary = run_train(config(data, tmp_path, synthetic=(data["synthetic"],), mix_ratio=0.5, rs_dft=0.5,
-                               val=(data["val"], data["dft"])), progress=False)
+                               val=(data["val"], data["dft"]), normalize=True), progress=False)
     assert summary["steps"] == 6
     assert {"checkpoint.pt", "student.pt", "log.jsonl", "curves.png", "config.json"} <= {
         p.name for p in tmp_path.iterdir()}
