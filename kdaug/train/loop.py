@@ -165,14 +165,16 @@ class Trainer:
         what it holds now and where from, for the log."""
         transform = self.student.output_transform
         config = self.config
-        if transform.is_identity:
+        if not transform.is_identity:
+            source = f"kept from --student-checkpoint {config.student_checkpoint}"
+        elif config.energy_reference == "none" and not config.normalize:
+            source = "none (--energy-reference none, no --normalize)"  # nothing to fit: no pass over the data
+        else:
             fitted = fit_output_transform(self.data, energy_reference=config.energy_reference,
                                           normalize=config.normalize, conservative=self.student.conservative,
                                           seed=config.seed)
             transform.set(energy=fitted.energy, forces=fitted.forces, references=fitted.references)
             source = f"fitted on {fitted.n_samples} training samples"
-        else:
-            source = f"kept from --student-checkpoint {config.student_checkpoint}"
         references = transform.references.element_references
         return {"source": source, "energy_mean": float(transform.energy.mean),
                 "energy_rmsd": float(transform.energy.rmsd), "forces_rmsd": float(transform.forces.rmsd),
