@@ -129,7 +129,8 @@ def test_help_comes_from_the_fields():
     parser = argparse.ArgumentParser()
     add_config_arguments(parser, Run)
     text = " ".join(parser.format_help().split())
-    assert "--optim.clip FLOAT gradient-norm clip [eV/A]" in text
+    assert "--optim.clip FLOAT gradient-norm clip [eV/A] --" in text  # optional, default None: no suffix
+    assert "--ids INT [INT ...] ids --" in text
     assert "--optim.kind {adam,sgd} optimizer (default: adam)" in text
     assert "--out TEXT output directory (required)" in text
 

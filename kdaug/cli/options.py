@@ -25,10 +25,10 @@ def _help(leaf: Leaf) -> str:
     unit = field.metadata.get("unit")
     if unit:
         text += f" [{unit}]"
-    if field.default not in (dataclasses.MISSING, None):  # a None default is explained in the help text
-        text += f" (default: {field.default})"
-    elif field.default_factory is dataclasses.MISSING:
+    if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
         text += " (required)"
+    elif field.default not in (dataclasses.MISSING, None):  # a None default is explained in the help text
+        text += f" (default: {field.default})"
     return text.replace("%", "%%")
 
 
