@@ -2,7 +2,8 @@
 # The GPU measurements the open issues wait for, as prepared runs on the lent machine (carry .device-kit, see
 # README). Each part fits one session's device time (15 min, about 2-3 of them for the machine's start):
 #   bash benchmarks/device_run.sh generate [OUTDIR]  # #13 and #14: generate end to end (GemNet-OC fp32 and
-#                                                    # TF32, CHGNet with graph workers), KD training steps; ~8 min
+#                                                    # TF32, CHGNet with graph workers), KD training steps,
+#                                                    # GemNet-OC memory per system; ~9 min
 #   bash benchmarks/device_run.sh study [OUTDIR]     # #15: configs/studies/gpu-emt.yml, target ~8 min
 #   bash benchmarks/device_run.sh models [OUTDIR]    # model forwards, relaxer, adversarial (measured before)
 set -uo pipefail
@@ -27,6 +28,7 @@ run() { local limit=$1; shift; echo "+ $*"; timeout "$limit" "$@" 2>&1 | grep -v
       run 60 python3 -m benchmarks.train --device cuda --teacher gemnet-oc --student painn-big --batch 16 --seconds 4
       run 45 python3 -m benchmarks.train --device cuda --teacher painn-big --student painn-small --batch 16 \
         --seconds 4 --modes vanilla1 vanilla2 n2n
+      run 60 python3 -m benchmarks.batch_memory --teacher gemnet-oc --device cuda
       ;;
     study)
       run 560 python3 -m kdaug study configs/studies/gpu-emt.yml --out "$out/gpu-emt"
