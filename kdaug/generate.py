@@ -117,15 +117,16 @@ class FrameSelector:
 
 
 def anomaly(result: RelaxResult) -> str | None:
-    """Why a trajectory is dropped (None: keep it): non-finite, exploded, or fairchem's
-    DetectTrajAnomaly verdicts (desorbed, dissociated, surface changed)."""
+    """Why a trajectory is dropped (None: keep it): non-finite, exploded (energy drift above 5 eV/atom or a
+    free-atom force above 50 eV/A at any evaluation), or fairchem's DetectTrajAnomaly verdicts (desorbed,
+    dissociated, surface changed)."""
     from fairchem.data.oc.utils.flag_anomaly import DetectTrajAnomaly
 
     task = result.task
     if not result.finite:
         return "non_finite"
     energies = np.asarray(result.energies)
-    force_max = max(float(np.linalg.norm(r.forces, axis=1).max()) for r in [*result.kept, result.final])
+    force_max = max(result.fmaxes)  # every evaluation's, not only the frames kept: the verdict ignores sampling
     drift_per_atom = np.abs(energies - energies[0]).max() / task.n_atoms
     if drift_per_atom > EXPLODED_EV_PER_ATOM or force_max > EXPLODED_FORCE_EV_PER_ANG:
         return "exploded"

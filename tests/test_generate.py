@@ -82,6 +82,11 @@ def test_relaxer_matches_ase_one_by_one(name, ase_optimizer):
         np.testing.assert_allclose(result.final.positions, atoms.positions, atol=1e-5)
         fixed = fixed_mask(slab)
         np.testing.assert_array_equal(result.final.positions[fixed], slab.positions[fixed])
+        # one energy and one largest free-atom force per evaluation, the kept ones among them
+        assert len(result.energies) == len(result.fmaxes) == result.n_steps + 1
+        for record in [*result.kept, result.final]:
+            assert result.fmaxes[record.step] == pytest.approx(np.linalg.norm(record.forces[~fixed], axis=1).max())
+        assert result.fmaxes[-1] < 0.05 <= min(result.fmaxes[:-1])
 
 
 def test_batch_stays_full_while_work_remains():
@@ -341,13 +346,24 @@ def test_anomalies_are_dropped_by_reason():
     start = StepRecord(0, slab.positions.copy(), 0.0, forces)
     desorbed = slab.positions.copy()
     desorbed[-1, 2] += 6.0
-    result = RelaxResult(task, [], StepRecord(5, desorbed, -1.0, forces), [0.0, -1.0], 5, True, True)
+    result = RelaxResult(task, [], StepRecord(5, desorbed, -1.0, forces), [0.0, -1.0], [1.0, 0.01], 5, True, True)
     assert anomaly(result) == "desorbed"
-    result = RelaxResult(task, [start], StepRecord(5, slab.positions, 200.0, forces), [0.0, 200.0], 5, False, True)
+    result = RelaxResult(task, [start], StepRecord(5, slab.positions, 200.0, forces), [0.0, 200.0], [1.0, 0.01], 5,
+                         False, True)
     assert anomaly(result) == "exploded"
-    result = RelaxResult(task, [], start, [float("nan")], 0, False, False)
+    result = RelaxResult(task, [], start, [float("nan")], [float("nan")], 0, False, False)
     assert anomaly(result) == "non_finite"
-    assert anomaly(RelaxResult(task, [], start, [0.0], 0, True, True)) is None
+    assert anomaly(RelaxResult(task, [], start, [0.0], [0.01], 0, True, True)) is None
+
+
+def test_a_force_spike_explodes_a_trajectory_whether_or_not_its_frame_was_kept():
+    slab = emt_slab("Cu", "O")
+    task = tasks_of([slab])[0]
+    calm = StepRecord(2, slab.positions.copy(), -0.1, np.zeros((13, 3)))
+    fmaxes = [1.0, 60.0, 0.01]  # the second evaluation's free-atom force is above 50 eV/A
+    for kept in ([], [calm]):
+        assert anomaly(RelaxResult(task, kept, calm, [0.0, 0.1, -0.1], fmaxes, 2, True, True)) == "exploded"
+    assert anomaly(RelaxResult(task, [], calm, [0.0, 0.1, -0.1], [1.0, 40.0, 0.01], 2, True, True)) is None
 
 
 def cli(*args):

@@ -67,10 +67,14 @@ class StepRecord:
 
 @dataclass
 class RelaxResult:
+    """One finished relaxation: the evaluations `keep` chose and the last one; energies (eV) and largest
+    free-atom forces (eV/A) of every evaluation, in order."""
+
     task: RelaxTask
     kept: list[StepRecord]
     final: StepRecord
     energies: list[float]
+    fmaxes: list[float]
     n_steps: int
     converged: bool
     finite: bool
@@ -82,6 +86,7 @@ class _Active:
 
     task: RelaxTask
     energies: list[float] = field(default_factory=list)
+    fmaxes: list[float] = field(default_factory=list)
     kept: list[StepRecord] = field(default_factory=list)
     n_steps: int = 0
 
@@ -258,6 +263,7 @@ class BatchedRelaxer:
         for k, entry in enumerate(flight.entries):
             energy, fmax = float(summary[0, k]), float(summary[1, k])
             entry.energies.append(energy)
+            entry.fmaxes.append(fmax)
             finite = np.isfinite(energy) and np.isfinite(fmax)
             finished[k] = not finite or fmax < self.fmax or entry.n_steps >= self.max_steps
             kept[k] = keep(entry.task, entry.n_steps)
@@ -268,8 +274,9 @@ class BatchedRelaxer:
                 entry.kept.append(record)
             if finished[k]:
                 results.append(RelaxResult(
-                    task=entry.task, kept=entry.kept, final=record, energies=entry.energies, n_steps=entry.n_steps,
-                    converged=bool(summary[1, k] < self.fmax), finite=bool(np.isfinite(summary[:, k]).all())))
+                    task=entry.task, kept=entry.kept, final=record, energies=entry.energies, fmaxes=entry.fmaxes,
+                    n_steps=entry.n_steps, converged=bool(summary[1, k] < self.fmax),
+                    finite=bool(np.isfinite(summary[:, k]).all())))
         if finished.any():
             stay = torch.as_tensor(~finished, device=self.device)
             forces = forces[stay[flight.state.system_idx]]
