@@ -14,7 +14,6 @@ Output of `run_cka` (`--out DIR`): cka.json {"teacher", "student", "data", "n_sa
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 import torch
 
 from kdaug.data.batch import make_batch
+from kdaug.data.run_record import check_input_paths, check_output_not_input, make_output_dir, write_json
 from kdaug.errors import KdaugError
 from kdaug.models import load_model
 from kdaug.models.protocol import AtomisticModel
@@ -114,6 +114,11 @@ def run_cka(teacher: str | os.PathLike, student: str | os.PathLike, data: Sequen
     if max_samples < 1:
         msg = f"--max-samples {max_samples}: expected a positive number of frames"
         raise KdaugError(msg)
+    check_input_paths([("--data", path) for path in data])
+    check_input_paths([("--teacher", teacher), ("--student", student)])
+    for flag, path in (("--teacher", teacher), ("--student", student), *(("--data", p) for p in data)):
+        check_output_not_input(path, out, input_flag=flag)
+    out = make_output_dir(out)
     models = {}
     for flag, path in (("--teacher", teacher), ("--student", student)):
         if not Path(path).is_file():
@@ -130,9 +135,7 @@ def run_cka(teacher: str | os.PathLike, student: str | os.PathLike, data: Sequen
               "n_samples": n_samples, "n_atoms": n_atoms,
               "teacher_layers": list(features["--teacher"]), "student_layers": list(features["--student"]),
               "cka": matrix.round(6).tolist()}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cka.json").write_text(json.dumps(report, indent=1))
+    write_json(out / "cka.json", report)
     plot_cka(matrix, report["teacher_layers"], report["student_layers"], out / "cka.png",
              title=f"linear CKA, {n_atoms} atoms")
     return report

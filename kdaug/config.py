@@ -87,12 +87,20 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+class ValueCheckError(KdaugError):
+    """A value `check_values` refused; `load_config` names the YAML file and key (or the flag) that set it."""
+
+    def __init__(self, name: str, value: Any, expected: str) -> None:
+        super().__init__(f"{flag_of(name)} {value}: expected {expected}")
+        self.path: tuple[str, ...] = (name,)
+        self.value, self.expected = value, expected
+
+
 def check_values(config: Any, checks: Iterable[tuple[bool, str, str]]) -> None:
     """For `__post_init__`: raise "--flag value: expected ..." for the first (ok, field name, expected) not ok."""
     for ok, name, expected in checks:
         if not ok:
-            msg = f"{flag_of(name)} {getattr(config, name)}: expected {expected}"
-            raise KdaugError(msg)
+            raise ValueCheckError(name, getattr(config, name), expected)
 
 
 # -- types ---------------------------------------------------------------------------------------------------
@@ -283,7 +291,13 @@ def _build(cls: type[T], values: dict[tuple[str, ...], Any], prefix: tuple[str, 
             kwargs[f.name] = values[path]
         elif required:
             missing.append(Leaf(path, f, hint).flag)
-    return None if missing else cls(**kwargs)
+    if missing:
+        return None
+    try:
+        return cls(**kwargs)
+    except ValueCheckError as err:
+        err.path = (*prefix, *err.path)  # the key within the whole config (a nested section's check)
+        raise
 
 
 def load_config(cls: type[T], files: Iterable[str | os.PathLike] = (), overrides: Mapping[str, Any] | None = None,
@@ -298,8 +312,11 @@ def load_config(cls: type[T], files: Iterable[str | os.PathLike] = (), overrides
         msg = f"load_config needs a dataclass, got {cls!r}"
         raise TypeError(msg)
     values: dict[tuple[str, ...], Any] = {}
+    sources: dict[tuple[str, ...], str] = {}  # the file that set each value (flags are named by their check)
     for path in files:
-        values.update(_read_section(cls, read_yaml(path), str(path)))
+        section = _read_section(cls, read_yaml(path), str(path))
+        values.update(section)
+        sources.update(dict.fromkeys(section, str(path)))
     by_key = {leaf.key: leaf for leaf in leaves(cls)}
     for key, value in (overrides or {}).items():
         leaf = by_key.get(key)
@@ -308,11 +325,22 @@ def load_config(cls: type[T], files: Iterable[str | os.PathLike] = (), overrides
             raise KdaugError(msg)
         try:
             values[leaf.path] = convert(leaf.hint, value)
+            sources.pop(leaf.path, None)
         except _Mismatch:
             msg = f"{leaf.flag} {value!r}: expected {describe(leaf.hint)}"
             raise KdaugError(msg) from None
     missing: list[str] = []
-    config = _build(cls, values, (), missing)
+    try:
+        config = _build(cls, values, (), missing)
+    except ValueCheckError as err:
+        key = ".".join(err.path)
+        if err.path in sources:
+            msg = f"{sources[err.path]}: {key}: expected {err.expected}, got {err.value!r}"
+        elif len(err.path) > 1:
+            msg = f"--{key.replace('_', '-')} {err.value}: expected {err.expected}"  # a nested flag
+        else:
+            raise
+        raise KdaugError(msg) from None
     if config is None:
         msg = f"missing required option(s): {', '.join(missing)}"
         raise KdaugError(msg)

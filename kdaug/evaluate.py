@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from kdaug.data.batch import make_batch
+from kdaug.data.run_record import check_input_paths
 from kdaug.errors import KdaugError
 from kdaug.models.protocol import AtomisticModel
 from kdaug.train.data import TrainingSet, collate
@@ -163,6 +164,7 @@ def evaluate(
     Raises:
         KdaugError: a --data path is missing or empty, --batch-size < 1, --device cuda without a GPU.
     """
+    check_input_paths([("--data", path) for path in dataset_paths])
     if batch_size < 1:
         msg = f"--batch-size {batch_size}: expected a positive number of samples"
         raise KdaugError(msg)

@@ -33,9 +33,9 @@ from tqdm import tqdm
 
 from kdaug.config import check_values, option, shard_from_environment
 from kdaug.data.lmdb import LmdbWriter
+from kdaug.data.run_record import sha256_of
 from kdaug.errors import KdaugError
 from kdaug.models import AtomisticModel, load_teacher
-from kdaug.models.fairchem_v1 import sha256_of
 from kdaug.relax.optimizers import OPTIMIZERS
 from kdaug.relax.runner import BatchedRelaxer, ReadyTasks, RelaxResult, RelaxTask
 from kdaug.sampling.oc import DEFAULT_BULK_DB, PLACEMENT_MODES, SamplerConfig, SystemSampler, iter_systems

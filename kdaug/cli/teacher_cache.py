@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
+from kdaug.errors import KdaugError
 from kdaug.train.kd import KD_MODES
 from kdaug.train.teacher_cache import CACHE_DTYPES
 
@@ -25,11 +27,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from kdaug.data.run_record import check_input_paths, check_output_not_input
     from kdaug.models import load_teacher
     from kdaug.train.kd import check_mode
     from kdaug.train.teacher_cache import build_teacher_cache
 
     check_mode(args.kd)
+    inputs = [("--data", path) for path in args.data]
+    check_input_paths(inputs)
+    if args.checkpoint is not None:
+        inputs.append(("--checkpoint", args.checkpoint))
+        check_input_paths(inputs[-1:])
+    if not args.out.strip():
+        raise KdaugError("--out '': empty path; expected the cache folder")
+    for flag, path in inputs:
+        check_output_not_input(path, args.out, input_flag=flag)
+    if Path(args.out).is_file():
+        raise KdaugError(f"--out {args.out}: is an existing file; expected a folder")
     teacher = load_teacher(args.teacher, args.checkpoint, device=args.device)
     summary = build_teacher_cache(teacher, args.data, args.kd, args.out, dtype=args.dtype,
                                   batch_size=args.batch_size)

@@ -43,6 +43,7 @@ from kdaug.data.convert import data_to_frame, frame_to_data
 from kdaug.data.entries import decode_entry, entry_error
 from kdaug.data.lmdb_file import check_lmdb_file, damaged
 from kdaug.data.output_lock import OutputLock
+from kdaug.data.run_record import atomic_write, check_resume, to_json
 from kdaug.errors import KdaugError, write_error
 from kdaug.types import Frame
 
@@ -108,7 +109,7 @@ class LmdbWriter:
         self.stem = stem
         self.frames_per_file = frames_per_file
         self.creation_args = creation_args or {}
-        self.data_options = _as_json(data_options) if data_options is not None else None
+        self.data_options = to_json(data_options) if data_options is not None else None
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -176,11 +177,8 @@ class LmdbWriter:
         self._compare(where.name, self._stored_options)
 
     def _compare(self, source: str, stored: dict[str, Any] | None) -> None:
-        differences = option_differences(stored, self.data_options) if stored is not None else []
-        if differences:
-            msg = (f"--out {self.out_dir} was started with other data options ({source}): {'; '.join(differences)}; "
-                   "rerun with the options it was started with, or write to a new --out")
-            raise KdaugError(msg)
+        if stored is not None:
+            check_resume(f"--out {self.out_dir}", stored, self.data_options, kind=f"data options ({source})")
 
     # -- writing -----------------------------------------------------------------
     def write_batch(
@@ -271,14 +269,7 @@ class LmdbWriter:
             "versions": package_versions(),
         }
         path = self.out_dir / manifest_name(self.stem)
-        tmp = path.with_suffix(".json.tmp")
-        try:
-            tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
-            tmp.replace(path)
-        except OSError as err:
-            raise write_error(path, err) from err
-        finally:  # also on Ctrl-C
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, json.dumps(manifest, indent=2, sort_keys=True, default=str))
         return path
 
     def close(self) -> None:
@@ -292,18 +283,6 @@ class LmdbWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _as_json(value: Any) -> Any:
-    """`value` as it reads back from JSON (tuples become lists), so stored and new options compare equal."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
-
-
-def option_differences(stored: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """"name stored -> now" for every option whose value differs (absent options read as <unset>)."""
-    unset = "<unset>"
-    return [f"{name} {stored.get(name, unset)!r} -> {now.get(name, unset)!r}"
-            for name in sorted(set(stored) | set(now)) if stored.get(name, unset) != now.get(name, unset)]
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ so every caller gets eV and eV/A, as fairchem's `OCPCalculator` does. Without th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 from torch_geometric.data import Batch
 
+from kdaug.data.run_record import sha256_of
 from kdaug.errors import KdaugError
 from kdaug.models.output_transform import OutputTransform
 from kdaug.models.protocol import AtomisticModel, EdgeFeatures, ModelOutput
@@ -62,14 +62,6 @@ OC20_CHECKPOINTS_HINT = (
     ".available_pretrained_models, e.g. 'GemNet-OC-S2EF-OC20-All'); download one on a machine "
     "with internet and pass its path with --checkpoint"
 )
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def build_fairchem_model(name: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -32,7 +32,7 @@ from kdaug.errors import KdaugError
 from kdaug.models import AtomisticModel, load_model, load_teacher
 from kdaug.perturb.common import (
     PerturbOptions,
-    check_output_not_input,
+    check_paths,
     data_options,
     derived_frame,
     label,
@@ -200,10 +200,10 @@ class AdversarialConfig(AttackParams, PerturbOptions):
 def run_adversarial(config: AdversarialConfig, *, progress: bool = True) -> dict:
     """Perturb, filter (min distance, min RMSD), label with the teacher and write; returns the counts of
     this run (as added to the manifest's counters) and the mean discrepancy per step over its frames."""
+    check_paths(config, student=config.student)
     if not Path(config.student).is_file():
         raise KdaugError(f"--student {config.student}: no such checkpoint (a student saved by kdaug or fairchem)")
     dataset = FrameDataset(config.input)
-    check_output_not_input(config.input, config.out)
     teacher = load_teacher(config.teacher, config.checkpoint, device=config.device)
     student = load_model(None, checkpoint=config.student, device=config.device)
     check_attack(student, teacher, config.params())

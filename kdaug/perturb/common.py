@@ -6,7 +6,6 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from kdaug.config import check_values, option
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
+from kdaug.data.run_record import check_input_paths, check_output_not_input
 from kdaug.errors import KdaugError, UnsupportedElement
 from kdaug.models import AtomisticModel
 from kdaug.state import BatchState, split_atoms
@@ -55,11 +55,14 @@ class PerturbOptions:
         ])
 
 
-def check_output_not_input(input_path: str, out: str) -> None:
-    source, target = Path(input_path).resolve(), Path(out).resolve()
-    if target.is_relative_to(source) or source.is_relative_to(target):
-        msg = f"--out {out}: must not be (inside) the input {input_path}; nothing is written into inputs"
-        raise KdaugError(msg)
+def check_paths(config: PerturbOptions, **checkpoints: str | None) -> None:
+    """Before anything is read: no empty path, and --out never equal to or inside --input or a checkpoint
+    (`checkpoints`: flag name -> path, e.g. student=...)."""
+    named = [("--input", config.input), *((f"--{flag}", path) for flag, path in
+                                          {"checkpoint": config.checkpoint, **checkpoints}.items() if path is not None)]
+    check_input_paths(named)
+    for flag, path in named:
+        check_output_not_input(path, config.out, input_flag=flag)
 
 
 def check_inputs(dataset: FrameDataset, indices: Sequence[int], models: Sequence[AtomisticModel]) -> None:

@@ -20,7 +20,7 @@ from kdaug.data.lmdb import FrameDataset
 from kdaug.models import AtomisticModel, load_teacher
 from kdaug.perturb.common import (
     PerturbOptions,
-    check_output_not_input,
+    check_paths,
     data_options,
     derived_frame,
     label,
@@ -59,8 +59,8 @@ def rattle_positions(positions: np.ndarray, fixed: np.ndarray, sigma: float, rng
 def run_rattle(config: RattleConfig, *, progress: bool = True) -> dict:
     """Rattle, filter (min distance), label with the teacher and write; returns the counts of this run
     (as added to the manifest's counters)."""
+    check_paths(config)
     dataset = FrameDataset(config.input)
-    check_output_not_input(config.input, config.out)
     teacher = load_teacher(config.teacher, config.checkpoint, device=config.device)
     counts = perturb_dataset(dataset, config, lambda chunk: rattle_chunk(chunk, teacher, config), desc="rattle",
                              models=[teacher], options=data_options(config, teacher, dataset), progress=progress)

@@ -59,6 +59,16 @@ class Budget:
                                                                           "train --energy-reference)")
     normalize: bool | None = option(None, help="output normalizers (kdaug train --normalize)")
 
+    def __post_init__(self) -> None:
+        check_values(self, [
+            (self.epochs is None or self.epochs > 0, "epochs", "a positive number of epochs"),
+            (self.max_steps is None or self.max_steps > 0, "max_steps", "a positive number of steps"),
+            (self.batch_size is None or self.batch_size > 0, "batch_size", "a positive number"),
+            (self.lr is None or self.lr > 0, "lr", "a positive learning rate"),
+            (self.ema_decay is None or 0 <= self.ema_decay < 1, "ema_decay", "a value in [0, 1)"),
+            (self.val_every is None or self.val_every > 0, "val_every", "a positive number of steps"),
+        ])
+
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSection:

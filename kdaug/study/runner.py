@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import pickle
 import subprocess
 import time
@@ -17,6 +16,7 @@ from ase.data import atomic_numbers, chemical_symbols
 
 from kdaug.cka import cka_map, collect_layer_features, plot_cka
 from kdaug.config import load_config
+from kdaug.data.run_record import atomic_write, option_differences, read_json, to_json, write_json
 from kdaug.errors import KdaugError
 from kdaug.evaluate import evaluate
 from kdaug.generate import GenerateConfig, run_generate
@@ -39,10 +39,7 @@ RESULT = "result.json"  # written last in a run folder: the run is finished
 NO_OUTCOME_CHANGE = frozenset({"device", "num_workers", "checkpoint_every", "log_every", "eval_batch_size"})
 
 
-def _write_json(path: Path, content: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(content, indent=1))
-    os.replace(tmp, path)
+_DAMAGED = "delete it (or move it away) and rerun to make it anew"
 
 
 class Study:
@@ -61,14 +58,16 @@ class Study:
         naming the study `option`."""
         folder = Path(config.out)
         done = folder / "done.json"
-        options = json.loads(json.dumps(dataclasses.asdict(config)))
+        options = to_json(config)
         if done.is_file():
-            record = json.loads(done.read_text())
-            if record["config"] != options:
-                raise KdaugError(f"{option}: {folder} was made with other options; delete it to make it anew")
+            record = _record(done, ("config", "counts"))
+            differences = option_differences(record["config"], options)
+            if differences:
+                raise KdaugError(f"{option}: {folder} was made with other options; delete it to make it anew "
+                                 f"({'; '.join(differences)})")
         else:
             record = {"config": options, "counts": make(config, progress=self.progress)}
-            _write_json(done, record)
+            write_json(done, record)
         counts = record["counts"]
         if not counts.get("frames", counts.get("written")):
             raise KdaugError(f"{option}: {folder} holds no frames ({json.dumps(counts)}); change the options "
@@ -153,10 +152,7 @@ class Study:
             bulks = [b for b in pickle.load(handle) if set(b["atoms"].get_atomic_numbers()) <= elements]
         if not bulks:
             raise KdaugError(f"data.generate.elements: no embedded bulk is made of {', '.join(symbols)} only")
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as handle:
-            pickle.dump(bulks, handle)
-        os.replace(tmp, path)
+        atomic_write(path, pickle.dumps(bulks))
         return str(path)
 
     # -- runs ---------------------------------------------------------------------------
@@ -180,10 +176,10 @@ class Study:
         holds this configuration's result."""
         out = Path(config.out)
         result_path = out / RESULT
-        options = json.loads(json.dumps(dataclasses.asdict(config)))
+        options = to_json(config)
         if result_path.is_file():
-            result = json.loads(result_path.read_text())
-            if _same_outcome(result["config"], options):
+            result = _record(result_path, ("config", "val"))
+            if not option_differences(result["config"], options, NO_OUTCOME_CHANGE):
                 logger.info("%s: finished before, skipped", name)
                 return result
         logger.info("%s: training -> %s", name, out)
@@ -195,7 +191,7 @@ class Study:
                                       device=self.config.device) for set_name, path in val.items()}
         result = {"name": name, "config": options, "steps": summary["steps"], "train_seconds": seconds,
                   "val": metrics}
-        _write_json(result_path, result)
+        write_json(result_path, result)
         return result
 
     def kd_changes(self, spec: RunSpec, teacher_ckpt: str) -> dict:
@@ -245,7 +241,7 @@ class Study:
         report = self.report(val, teacher_result, results, skipped, runs)
         if config.cka.enabled:
             report["cka"] = self.cka(teacher, runs, first_val)
-            _write_json(self.out / "results.json", report)
+            write_json(self.out / "results.json", report)
         return report
 
     # -- results ------------------------------------------------------------------------
@@ -262,7 +258,7 @@ class Study:
                   "train_seconds": {label: {str(s): r["train_seconds"] for s, r in by_seed.items()}
                                     for label, by_seed in results.items()},
                   "wall_seconds": time.perf_counter() - self.started}  # of this invocation (resumed: its part)
-        _write_json(self.out / "results.json", report)
+        write_json(self.out / "results.json", report)
         lines = [f"# {config.name}: teacher {config.teacher.model}, student {config.student.model}",
                  "", f"Seeds {', '.join(map(str, config.seeds))}: mean ± sample std over seeds; in brackets the "
                  "share of the teacher-student gap closed, 100 (student - run) / (student - teacher) %, per seed "
@@ -324,8 +320,12 @@ def _atomic_numbers(symbols: Sequence[str]) -> set[int]:
     return {atomic_numbers[s] for s in symbols}
 
 
-def _same_outcome(before: dict, now: dict) -> bool:
-    return all(before.get(key) == now.get(key) for key in set(before) | set(now) if key not in NO_OUTCOME_CHANGE)
+def _record(path: Path, keys: Sequence[str]) -> dict:
+    """A study record (done.json, result.json) holding `keys`; damage is one line naming the file."""
+    record = read_json(path, advice=_DAMAGED)
+    if not isinstance(record, dict) or not all(isinstance(record.get(key), dict) for key in keys):
+        raise KdaugError(f"{path}: damaged (expected a mapping with {', '.join(keys)}); {_DAMAGED}")
+    return record
 
 
 def _unsupported_modes(student, teacher) -> dict[str, str]:

@@ -13,7 +13,7 @@ from kdaug.config import check_values, option
 
 # Options that may change when a run is resumed: they do not change what the run computes.
 RESUMABLE_CHANGES = frozenset({"device", "num_workers", "epochs", "max_steps", "checkpoint_every", "log_every",
-                               "val_every", "val", "eval_batch_size"})
+                               "val_every", "val", "eval_batch_size", "restart"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -22,7 +22,7 @@ class TrainConfig:
 
     student: str = option(help="student model: a config name (painn-small, schnet, ...) or YAML")
     train: tuple[str, ...] = option(help="ground-truth (DFT) LMDB files or directories")
-    out: str = option(help="run directory: checkpoint.pt, student.pt, log.jsonl, curves.png")
+    out: str = option(help="run directory: checkpoint.pt, student.pt, log.jsonl, curves.png (one run at a time)")
     student_checkpoint: str | None = option(None, help="start the student from these weights (fairchem checkpoint)")
     teacher: str | None = option(None, help="teacher model for KD and online labels: name or YAML")
     teacher_checkpoint: str | None = option(None, help="teacher weights (fairchem checkpoint)")
@@ -70,6 +70,8 @@ class TrainConfig:
     val_every: int | None = option(
         None, help="validate every this many steps (default: at the end of each epoch)", unit="steps")
     num_workers: int = option(0, help="DataLoader worker processes")
+    restart: bool = option(False, help="start over in --out: remove the run files it holds (checkpoint.pt, "
+                                       "config.json, log.jsonl, ...) instead of resuming them")
     seed: int = option(0, help="seeds data order, initialisation of the KD maps and online augmentation")
     device: str = option("cpu", help="cpu or cuda")
 
@@ -98,6 +100,7 @@ class TrainConfig:
             (self.checkpoint_every > 0, "checkpoint_every", "a positive number of steps"),
             (self.log_every > 0, "log_every", "a positive number of steps"),
             (self.val_every is None or self.val_every > 0, "val_every", "a positive number of steps"),
+            (self.num_workers >= 0, "num_workers", "0 (load in this process) or more worker processes"),
             (self.device.split(":")[0] in ("cpu", "cuda"), "device", "cpu or cuda"),
         ])
 

@@ -11,13 +11,18 @@ from r_s/dft, then L = L0 + lambda L_KD on the student, AdamW, gradient clipping
 Run directory (`--out`)::
 
     out/
-      config.json        resolved options of the run (a resume must agree on the data-shaping ones)
-      checkpoint.pt      resumable state, rewritten every --checkpoint-every steps and at the end
+      config.json        the run's record: resolved options, fingerprints of --train/--synthetic, sha256 of the
+                         teacher and student-init checkpoints (a resume must agree outside RESUMABLE_CHANGES)
+      checkpoint.pt      resumable state, replaced whole every --checkpoint-every steps and at the end
       student.pt         the exported student (EMA weights), a fairchem v1 checkpoint
       log.jsonl          one line per --log-every steps ({"step", "loss", ...}) and per validation
       curves.png         learning curves, written at the end
       visits.rankR.npy   how often rank R drew each training sample (DFT first, then synthetic),
                          written at the end (checkpoint.pt holds them for resuming)
+      .run.lock          flock held by the one run writing the folder (pid, host, command inside)
+
+Inputs are checked before anything is written, damaged run state is one line, and a failed write (full
+disk) keeps the last good checkpoint (`kdaug.train.run_folder`).
 
 Under torchrun every rank trains on its own disjoint part of each epoch and gradients are
 averaged across ranks; rank 0 writes the files.
@@ -25,10 +30,7 @@ averaged across ranks; rank 0 writes the files.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -36,19 +38,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from kdaug.errors import KdaugError
+from kdaug.data.run_record import to_json
+from kdaug.errors import KdaugError, write_error
 from kdaug.evaluate import evaluate
 from kdaug.models import load_model, load_teacher
 from kdaug.models.fairchem_v1 import FairchemModel
 from kdaug.train import kd
-from kdaug.train.checkpoint import atomic_save, export_student
-from kdaug.train.config import RESUMABLE_CHANGES, TrainConfig
+from kdaug.train.checkpoint import export_student
+from kdaug.train.config import TrainConfig
 from kdaug.train.data import TrainingSet, collate
 from kdaug.train.distributed import Distributed
 from kdaug.train.losses import LossWeights, energy_force_loss
 from kdaug.train.mixing import MixedBatchSampler, batch_weights
 from kdaug.train.online import OnlineAugmenter
 from kdaug.train.report import plot_curves
+from kdaug.train.run_folder import RunFolder, check_inputs
 from kdaug.train.schedule import build_scheduler
 from kdaug.train.target_stats import fit_output_transform
 from kdaug.train.teacher_cache import TeacherCache
@@ -68,12 +72,16 @@ class Trainer:
     """One training run (see the module docstring); `run()` trains to the end and returns the summary."""
 
     def __init__(self, config: TrainConfig, *, progress: bool = True) -> None:
+        check_inputs(config)
         self.config = config
         self.progress = progress
         self.out = Path(config.out)
+        self.folder = RunFolder(self.out)
         self.dist = Distributed.from_environment(config.device)
         self.device = self.dist.device
         self.data = TrainingSet(config.train, config.synthetic)
+        if config.val and self.dist.is_main:  # checked now, not after training
+            TrainingSet(config.val, flags=("--val", "--val")).close()
         self.sampler = MixedBatchSampler(self.data.n_dft, self.data.n_synthetic, config.batch_size,
                                          mix_ratio=config.mix_ratio, seed=config.seed, rank=self.dist.rank,
                                          world_size=self.dist.world_size)
@@ -137,27 +145,39 @@ class Trainer:
                              f"student {self.student.name} with {config.kd}; pass --kd-lambda")
         return value
 
+    def _record(self) -> dict:
+        """What this run is made of: its options, its data's fingerprints and its checkpoints' sha256."""
+        fingerprints = self.data.fingerprints()  # --train paths, then --synthetic (each given once)
+        n_train = len(self.config.train)
+        return {**to_json(self.config), "train_fingerprints": fingerprints[:n_train],
+                "synthetic_fingerprints": fingerprints[n_train:],
+                "teacher_checkpoint_sha256": self.teacher.checkpoint_sha256 if self.teacher is not None else None,
+                "student_checkpoint_sha256": self.student.checkpoint_sha256 if self.config.student_checkpoint
+                else None}
+
     def _resume_or_start(self) -> None:
-        options = _jsonable(self.config)
-        saved_config = self.out / "config.json"
-        if saved_config.is_file():
-            before = json.loads(saved_config.read_text())
-            changed = sorted(k for k in set(before) | set(options)
-                             if k not in RESUMABLE_CHANGES and before.get(k) != options.get(k))
-            if changed:
-                raise KdaugError(f"--out {self.out}: holds a run started with other options "
-                                 f"({', '.join(changed)}); use another --out or the same options")
-        checkpoint = self.out / "checkpoint.pt"
-        if checkpoint.is_file():
-            self._load(torch.load(checkpoint, map_location=self.device, weights_only=False))
+        self.record = record = self._record()
+        try:
+            if self.dist.is_main:
+                self.folder.claim(restart=self.config.restart)
+            self.dist.barrier()
+            state = self.folder.checkpoint(self.device)
+            self.folder.check_resume(record, state)
+        except BaseException:
+            self.folder.release()
+            raise
+        if state is not None:
+            try:
+                self._load(state)
+            except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as err:  # weights of another shape
+                raise self.folder.damaged("checkpoint.pt", err) from err
             logger.info("resuming %s at step %d", self.out, self.step)
         else:
             logger.info("student output transform: %s", self._fit_output_transform())
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            saved_config.write_text(json.dumps(options, indent=1))
-            _truncate_log(self.out / "log.jsonl", self.step)
-            if self.step:
+            self.folder.write_config(record)
+            self.folder.cut_log(state["log_records"] if state is not None else 0)
+            if self.step < self.total_steps and state is not None:  # training continues (not only the export)
                 self._log({"step": self.step, "epoch": self.epoch, "resumed": True})
 
     def _fit_output_transform(self) -> dict:
@@ -184,8 +204,9 @@ class Trainer:
         return {"student": self.student.state_dict(), "head": self.head.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "step": self.step, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "config": _jsonable(self.config),
-                "visits": self.dist.gather(torch.from_numpy(self.visits)).numpy()}
+                "batch_in_epoch": self.batch_in_epoch, "config": self.record,
+                "visits": self.dist.gather(torch.from_numpy(self.visits)).numpy(),
+                "log_records": self.folder.log_records}
 
     def _load(self, state: dict) -> None:
         self.student.load_state_dict(state["student"])
@@ -243,6 +264,15 @@ class Trainer:
         config = self.config
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit=" steps",
                    disable=not (self.progress and self.dist.is_main))
+        try:
+            self._train(bar)
+        finally:  # an error prints on its own line
+            bar.close()
+        self.save()
+        return self.finish()
+
+    def _train(self, bar: tqdm) -> None:
+        config = self.config
         while self.step < self.total_steps:
             batches = self.sampler.epoch_batches(self.epoch)[self.batch_in_epoch:]
             loader = torch.utils.data.DataLoader(self.data, batch_sampler=batches, collate_fn=collate,
@@ -271,9 +301,6 @@ class Trainer:
                 self.batch_in_epoch = 0
                 if not config.val_every:
                     self.validate()
-        bar.close()
-        self.save()
-        return self.finish()
 
     def validate(self) -> dict | None:
         """Metrics of the EMA weights on --val (rank 0; logged), None without --val."""
@@ -288,7 +315,7 @@ class Trainer:
     def save(self) -> None:
         state = self._state()  # a collective call: every rank takes part
         if self.dist.is_main:
-            atomic_save(state, self.out / "checkpoint.pt")
+            self.folder.save(state)
         self.dist.barrier()
 
     def finish(self) -> dict:
@@ -302,13 +329,18 @@ class Trainer:
             if metrics is not None:
                 summary["val"] = metrics
             plot_curves(self.out / "log.jsonl", self.out / "curves.png")
-        np.save(self.out / f"visits.rank{self.dist.rank}.npy", self.visits)
+        visits = self.out / f"visits.rank{self.dist.rank}.npy"
+        try:
+            np.save(visits, self.visits)
+        except OSError as err:
+            raise write_error(visits, err) from err
         self.dist.barrier()
         return summary
 
     def close(self) -> None:
         """Release the data files (the teacher cache opens its files per read) and the process group."""
         self.data.close()
+        self.folder.release()
         self.dist.close()
 
     def ema_weights(self):
@@ -316,8 +348,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
-            with open(self.out / "log.jsonl", "a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            self.folder.log(record)
 
 
 class _EmaWeights:
@@ -342,26 +373,6 @@ def _ema(student: torch.nn.Module, decay: float):
     from fairchem.core.modules.exponential_moving_average import ExponentialMovingAverage
 
     return ExponentialMovingAverage(student.parameters(), decay)
-
-
-def _jsonable(config: TrainConfig) -> dict:
-    return json.loads(json.dumps(dataclasses.asdict(config)))
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past `step` (a killed run logged steps its checkpoint does not hold)."""
-    if not path.is_file():
-        return
-    lines = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                lines.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # the half-written last line of a killed run
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
 
 
 def run_train(config: TrainConfig, *, progress: bool = True) -> dict:
