@@ -310,3 +310,39 @@ def test_teacher_cache_inputs_are_checked_before_the_teacher_loads(data, tmp_pat
     (tmp_path / "file").write_text("x")
     one_line(kdaug(*base, "--data", str(data["dft"]), "--out", str(tmp_path / "file")), "is an existing file")
     assert not (tmp_path / "c").exists()
+
+
+# -- study -------------------------------------------------------------------------------------------
+def _study(tmp_path, data, **changes) -> Path:
+    import yaml
+
+    budget = {"max_steps": 2, "batch_size": 2, "energy_reference": "none"}
+    config = {"name": "s", "out": str(tmp_path / "study"), "strategies": [], "cka": {"enabled": False},
+              "teacher": {"model": "painn-tiny", "train": dict(budget)},
+              "student": {"model": "painn-tiny", "train": dict(budget)},
+              "data": {"train": [str(data["dft"])], "val": [str(data["val"])]}}
+    for key, value in changes.items():
+        section = config
+        *parents, last = key.split(".")
+        for part in parents:
+            section = section[part]
+        section[last] = value
+    path = tmp_path / "study.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("student.train.max_steps", -3, "study.yml: student.train.max_steps: expected a positive number of steps, "
+                                    "got -3"),
+    ("data.val", [""], "data.val '': empty path"),
+    ("data.train", ["{dft}", "{dft}"], "data.train {dft}: given twice"),
+    ("out", "{dft}", "out {dft}: must not be (inside) data.train {dft}"),
+])
+def test_bad_study_inputs_are_one_line_before_the_teacher_trains(data, tmp_path, key, value, expected):
+    def fill(v):
+        return [fill(x) for x in v] if isinstance(v, list) else v.format(dft=data["dft"]) if isinstance(v, str) else v
+
+    study = _study(tmp_path, data, **{key: fill(value)})
+    one_line(kdaug("study", str(study)), fill(expected))
+    assert not (tmp_path / "study").exists()

@@ -16,7 +16,17 @@ from ase.data import atomic_numbers, chemical_symbols
 
 from kdaug.cka import cka_map, collect_layer_features, plot_cka
 from kdaug.config import load_config
-from kdaug.data.run_record import atomic_write, option_differences, read_json, to_json, write_json
+from kdaug.data.output_lock import OutputLock
+from kdaug.data.run_record import (
+    atomic_write,
+    check_input_paths,
+    check_output_not_input,
+    make_output_dir,
+    option_differences,
+    read_json,
+    to_json,
+    write_json,
+)
 from kdaug.errors import KdaugError
 from kdaug.evaluate import evaluate
 from kdaug.generate import GenerateConfig, run_generate
@@ -36,7 +46,8 @@ from kdaug.train.loop import run_train
 logger = logging.getLogger(__name__)
 RESULT = "result.json"  # written last in a run folder: the run is finished
 # kdaug train options that leave the trained model as it is: a finished run is not redone for them
-NO_OUTCOME_CHANGE = frozenset({"device", "num_workers", "checkpoint_every", "log_every", "eval_batch_size"})
+NO_OUTCOME_CHANGE = frozenset({"out", "device", "num_workers", "checkpoint_every", "log_every", "eval_batch_size",
+                               "restart"})
 
 
 _DAMAGED = "delete it (or move it away) and rerun to make it anew"
@@ -206,9 +217,33 @@ class Study:
         return changes
 
     # -- the study ----------------------------------------------------------------------
+    def check_inputs(self) -> None:
+        """Before anything runs: every input path non-empty and named once, none of them the study folder."""
+        config = self.config
+        named = [*(("data.train", p) for p in config.data.train), *(("data.val", p) for p in config.data.val)]
+        if config.teacher.checkpoint is not None:
+            named.append(("teacher.checkpoint", config.teacher.checkpoint))
+        check_input_paths(named)
+        for key, path in named:
+            check_output_not_input(path, self.out, input_flag=key, out_flag="out")
+        for key, section in (("teacher", config.teacher), ("student", config.student)):
+            try:  # the budget with its recipe, as each run will load it (paths are checked when it starts)
+                self.train_config(section.model, section.train, self.out / key, 0, ("data",), "val")
+            except KdaugError as err:
+                raise KdaugError(f"{key}.train: {err}") from err
+
     def run(self) -> dict:
         config = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        self.check_inputs()
+        make_output_dir(self.out, flag="out")
+        lock = OutputLock(self.out, "study")
+        try:
+            return self._run()
+        finally:
+            lock.release()
+
+    def _run(self) -> dict:
+        config = self.config
         train, val = self.ground_truth()
         first_val = next(iter(val.values()))
         if config.teacher.checkpoint:

@@ -11,9 +11,10 @@ from typing import Literal
 
 from kdaug.config import check_values, option
 
-# Options that may change when a run is resumed: they do not change what the run computes.
-RESUMABLE_CHANGES = frozenset({"device", "num_workers", "epochs", "max_steps", "checkpoint_every", "log_every",
-                               "val_every", "val", "eval_batch_size", "restart"})
+# Options that may change when a run is resumed: they do not change what the run computes (out: a run folder
+# may be moved).
+RESUMABLE_CHANGES = frozenset({"out", "device", "num_workers", "epochs", "max_steps", "checkpoint_every",
+                               "log_every", "val_every", "val", "eval_batch_size", "restart"})
 
 
 @dataclass(frozen=True, kw_only=True)

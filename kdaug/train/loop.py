@@ -175,8 +175,8 @@ class Trainer:
         else:
             logger.info("student output transform: %s", self._fit_output_transform())
         if self.dist.is_main:
+            self.folder.cut_log(state["log_records"] if state is not None else 0)  # reads it whole first
             self.folder.write_config(record)
-            self.folder.cut_log(state["log_records"] if state is not None else 0)
             if self.step < self.total_steps and state is not None:  # training continues (not only the export)
                 self._log({"step": self.step, "epoch": self.epoch, "resumed": True})
 

@@ -119,6 +119,10 @@ class RunFolder:
             self._compare(CHECKPOINT, state["config"], record)
 
     def _compare(self, name: str, stored: dict[str, Any], record: dict[str, Any]) -> None:
+        strange = sorted(set(stored) ^ set(record))
+        if strange:  # not a record of this kdaug (hand-edited, damaged, or from another version)
+            raise KdaugError(f"{self.out / name}: damaged (not a run record: {', '.join(strange[:3])}"
+                             f"{' ...' if len(strange) > 3 else ''} missing or unknown); {self.advice}")
         check_resume(f"--out {self.out} ({name})", stored, record, RESUMABLE_CHANGES,
                      advice="rerun with the options it was started with, use another --out, or --restart to "
                             "start over in it")
@@ -135,7 +139,10 @@ class RunFolder:
         """Keep the first `records` records of log.jsonl (a killed run logged past its checkpoint)."""
         path = self.out / LOG
         lines = self._log_lines(path) if path.is_file() else []
-        self.log_records = min(records, len(lines))
+        if len(lines) < records:
+            raise KdaugError(f"{path}: damaged (holds {len(lines)} records, {CHECKPOINT} was written after "
+                             f"{records}); {self.advice}")
+        self.log_records = records
         atomic_write(path, "".join(line + "\n" for line in lines[:self.log_records]))
 
     def _log_lines(self, path: Path) -> list[str]:
