@@ -115,16 +115,16 @@ def run_cka(teacher: str | os.PathLike, student: str | os.PathLike, data: Sequen
         msg = f"--max-samples {max_samples}: expected a positive number of frames"
         raise KdaugError(msg)
     check_input_paths([("--data", path) for path in data])
-    check_input_paths([("--teacher", teacher), ("--student", student)])
-    for flag, path in (("--teacher", teacher), ("--student", student), *(("--data", p) for p in data)):
-        check_output_not_input(path, out, input_flag=flag)
-    out = make_output_dir(out)
-    models = {}
-    for flag, path in (("--teacher", teacher), ("--student", student)):
+    for flag, path in (("--teacher", teacher), ("--student", student)):  # one model may be both (self-CKA)
+        check_input_paths([(flag, path)])
         if not Path(path).is_file():
             msg = f"{flag} {path}: no such file (expected a model checkpoint)"
             raise KdaugError(msg)
-        models[flag] = load_model(None, path, device=device)
+    for flag, path in (("--teacher", teacher), ("--student", student), *(("--data", p) for p in data)):
+        check_output_not_input(path, out, input_flag=flag)
+    out = make_output_dir(out)
+    models = {flag: load_model(None, path, device=device) for flag, path in (("--teacher", teacher),
+                                                                             ("--student", student))}
     features = {}
     for flag, model in models.items():
         features[flag], n_samples = collect_layer_features(model, data, max_samples=max_samples,
