@@ -226,7 +226,7 @@ def test_out_equal_to_or_inside_the_training_data_is_refused(data, tmp_path, whe
     args = train_args(data, out)
     args[args.index(str(data["dft"]))] = str(train)
     before = sorted(train.iterdir())
-    one_line(kdaug(*args), f"--out {out}: must not be (inside) --train {train}")
+    one_line(kdaug(*args), f"--out {out}: must not be (inside) the input --train {train}")
     assert sorted(train.iterdir()) == before
 
 
@@ -337,7 +337,7 @@ def _study(tmp_path, data, **changes) -> Path:
                                     "got -3"),
     ("data.val", [""], "data.val '': empty path"),
     ("data.train", ["{dft}", "{dft}"], "data.train {dft}: given twice"),
-    ("out", "{dft}", "out {dft}: must not be (inside) data.train {dft}"),
+    ("out", "{dft}", "out {dft}: must not be (inside) the input data.train {dft}"),
 ])
 def test_bad_study_inputs_are_one_line_before_the_teacher_trains(data, tmp_path, key, value, expected):
     def fill(v):

@@ -97,7 +97,7 @@ def test_empty_and_repeated_paths_are_refused_naming_the_flags(tmp_path):
 
 @pytest.mark.parametrize("out", ["data", "data/run", "."])
 def test_output_equal_to_inside_or_holding_an_input_is_refused(tmp_path, out):
-    with pytest.raises(KdaugError, match="^--out .*: must not be \\(inside\\) --train .*data; nothing is written"):
+    with pytest.raises(KdaugError, match=r"^--out .*: must not be \(inside\) the input --train .*data; nothing is"):
         check_output_not_input(tmp_path / "data", tmp_path / out, input_flag="--train")
     check_output_not_input(tmp_path / "data", tmp_path / "data-run")
 

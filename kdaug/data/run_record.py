@@ -125,12 +125,13 @@ def check_input_paths(named: Sequence[tuple[str, str | os.PathLike]]) -> None:
         seen[key] = flag
 
 
-def check_output_not_input(input_path: str | os.PathLike, out: str | os.PathLike, *, input_flag: str = "the input",
+def check_output_not_input(input_path: str | os.PathLike, out: str | os.PathLike, *, input_flag: str | None = None,
                            out_flag: str = "--out") -> None:
     """Refuse an output equal to, inside or holding an input: nothing is ever written into inputs."""
     source, target = Path(input_path).resolve(), Path(out).resolve()
     if target.is_relative_to(source) or source.is_relative_to(target):
-        msg = f"{out_flag} {out}: must not be (inside) {input_flag} {input_path}; nothing is written into inputs"
+        named = f"{input_flag} {input_path}" if input_flag else str(input_path)
+        msg = f"{out_flag} {out}: must not be (inside) the input {named}; nothing is written into inputs"
         raise KdaugError(msg)
 
 
