@@ -7,7 +7,7 @@ Both train the student config (kdaug's `configs/models/<student>.yml`, fairchem'
 same file) for one epoch over that directory, batch `--batch`, AdamW with AMSGrad at a constant 5e-4, EMA 0.999,
 gradient clipping at 10, loss 1 x energy MAE + 100 x per-atom L2 force error on free atoms, no normalizers, data loading
 in the main process. kdaug's linear energy-reference fit runs before its first step and is left out, as is the
-trainers' setup: samples/s is timed from the end of the first optimizer step to the end of the last (data
+trainers' setup: samples/s is timed from the end of the second optimizer step to the end of the last (data
 loading, forward, loss, backward, optimizer, EMA; fairchem also computes its training metrics per step).
 fairchem's trainer is built the way `python -m fairchem.core._cli --mode train --config-yml fairchem.yml`
 builds it (the YAML is written beside the data), so the lines fairchem logs about metadata.npz are printed.
@@ -73,7 +73,8 @@ def step_times(target: object, method: str) -> list[float]:
 
 
 def rate(times: list[float], batch: int) -> float:
-    return (len(times) - 1) * batch / (times[-1] - times[0])
+    """Samples/s from the end of the second step to the end of the last (the first steps warm up)."""
+    return (len(times) - 2) * batch / (times[-1] - times[1])
 
 
 def run_fairchem(config: dict) -> tuple[float, int, list[str]]:
