@@ -285,9 +285,9 @@ def table(title: str, runs: list[Run], reference: Run, kdaug: Run) -> str:
     for run in runs:
         d_e = np.nanmax(np.abs(np.subtract(run.energies, reference.energies)))  # NaN: a system generate dropped
         d_pos = np.nanmax([np.abs(a - b).max() for a, b in zip(run.positions, reference.positions)])
-        steps = np.array(run.steps)
+        steps = np.array([n for n in run.steps if n >= 0])  # -1: a system generate dropped
         lines.append(f"| {run.tool} | {run.evaluations / run.wall:.1f} | {run.wall:.2f} | {run.wall / kdaug.wall:.2f} "
-                     f"| {steps.min()}-{int(np.median(steps))}-{steps.max()} | {run.converged}/{len(steps)} "
+                     f"| {steps.min()}-{int(np.median(steps))}-{steps.max()} | {run.converged}/{len(run.steps)} "
                      f"| {d_e:.2e} | {d_pos:.2e} |")
     notes = [f"- {run.tool}: {run.note}" for run in runs if run.note]
     return "\n".join(lines + notes)
