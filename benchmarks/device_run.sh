@@ -6,8 +6,11 @@
 #                                                    # GemNet-OC memory per system; ~9 min
 #   bash benchmarks/device_run.sh study [OUTDIR]     # #15: configs/studies/gpu-emt.yml, target ~8 min
 #   bash benchmarks/device_run.sh models [OUTDIR]    # model forwards, relaxer, adversarial (measured before)
+#   bash benchmarks/device_run.sh peers [OUTDIR]     # #23: relaxation vs torch-sim, fairchem ml_relax and ASE,
+#                                                    # training vs fairchem's OCPTrainer; ~9 min. torch-sim and
+#                                                    # its dependencies travel as wheels in .whl (README, Benchmarks)
 set -uo pipefail
-part=${1:?usage: device_run.sh generate|study|models [OUTDIR]}
+part=${1:?usage: device_run.sh generate|study|models|peers [OUTDIR]}
 out=${2:-${OUT:-/tmp}}
 source .device-kit/setup.sh || exit 1
 # Wheels the kit lacks (multiprocess), fetched here with pip download into .whl (carry it too).
@@ -42,6 +45,13 @@ run() { local limit=$1; shift; echo "+ $*"; timeout "$limit" "$@" 2>&1 | grep -v
       run 240 python3 -m benchmarks.adversarial --teacher gemnet-oc --student painn-small --device cuda --batch 16 \
         --steps 5
       ;;
-    *) echo "unknown part $part: expected generate, study or models"; exit 2 ;;
+    peers)
+      run 200 python3 -m benchmarks.peers --model painn-small --device cuda --systems 32 --max-atoms 2000 \
+        --max-steps 30 --workers 8
+      run 200 python3 -m benchmarks.peers --model chgnet --device cuda --systems 16 --max-atoms 1000 --max-steps 30 \
+        --workers 8 --optimizers fire
+      run 120 python3 -m benchmarks.peers_train --student painn-small --device cuda --systems 24 --batch 16
+      ;;
+    *) echo "unknown part $part: expected generate, study, models or peers"; exit 2 ;;
   esac
 } | tee "$out/device_$part.txt"

@@ -10,6 +10,8 @@ Tree written by `LmdbWriter(out_dir, stem="data")`:
                             b"kdaug:options" -> JSON of the options that shape the data (resume check)
       data.0001.lmdb        a new file every `frames_per_file` frames
       manifest.json         counts per origin, element histogram, creation args, data options, versions
+      metadata.npz          natoms per entry of every *.lmdb here, in fairchem's order (kdaug.data.metadata)
+      .data.natoms          natoms of this stem's frames, int32, appended with each batch
       .data.lock            flock held by the one writer of this stem (pid, host, command inside)
 
 A writer with another stem (one per generation shard) writes `<stem>.NNNN.lmdb`
@@ -42,6 +44,7 @@ from torch_geometric.data import Batch, Data
 from kdaug.data.convert import data_to_frame, frame_to_data
 from kdaug.data.entries import decode_entry, entry_error
 from kdaug.data.lmdb_file import check_lmdb_file, damaged
+from kdaug.data.metadata import read_natoms, remove_metadata, stored_length, write_metadata, write_natoms
 from kdaug.data.output_lock import OutputLock
 from kdaug.data.run_record import atomic_write, check_resume, to_json
 from kdaug.errors import KdaugError, write_error
@@ -117,6 +120,7 @@ class LmdbWriter:
             raise KdaugError(msg) from err
         self._lock = OutputLock(self.out_dir, stem)
         self._env: lmdb.Environment | None = None
+        self._opened = False
         try:
             self._initial_map_size = map_size
             self._files = sorted(self.out_dir.glob(f"{re.escape(stem)}.[0-9][0-9][0-9][0-9].lmdb"))
@@ -129,6 +133,10 @@ class LmdbWriter:
             self._open(self._file_index)
             if self.data_options is not None:
                 self._check_resume()
+            self._lengths = [stored_length(self._path(i)) for i in range(self._file_index)]
+            self._sync_natoms()
+            remove_metadata(self.out_dir)
+            self._opened = True
         except BaseException:
             self.close()
             raise
@@ -160,6 +168,28 @@ class LmdbWriter:
             except (ValueError, lmdb.Error) as err:
                 raise damaged(path, str(err)) from err
 
+    def _sync_natoms(self) -> None:
+        """Bring `.<stem>.natoms` level with the frames (a run killed between a commit and its append, or an
+        output written before the record existed): the missing natoms are read from the entries."""
+        record = read_natoms(self.out_dir, self.stem)
+        lengths = [*self._lengths, self._length]
+        if len(record) > sum(lengths):
+            write_natoms(self.out_dir, self.stem, record[: sum(lengths)], append=False)
+        missing, start = [], 0
+        for index, length in enumerate(lengths):
+            first = max(len(record) - start, 0)
+            if first < length:
+                path = self._path(index)
+                env = self._env if index == self._file_index else _open_readonly(path)
+                with env.begin() as txn:
+                    missing += [len(decode_entry(path, str(key), _get(txn, str(key).encode(), path)).pos)
+                                for key in range(first, length)]
+                if env is not self._env:
+                    env.close()
+            start += length
+        if missing or not record.size:
+            write_natoms(self.out_dir, self.stem, np.array(missing, dtype=np.int32), append=True)
+
     def _check_siblings(self) -> None:
         """Refuse to join a directory whose other stems (shards) were made with other data options."""
         for manifest in sorted(self.out_dir.glob("manifest*.json")):
@@ -190,6 +220,7 @@ class LmdbWriter:
     ) -> None:
         """Write frames, done-markers and counters in one transaction (all or nothing)."""
         if self._length >= self.frames_per_file and frames:
+            self._lengths.append(self._length)
             self._open(self._file_index + 1)
         payload = [pickle.dumps(frame_to_data(f), protocol=pickle.HIGHEST_PROTOCOL) for f in frames]
         stats = pickle.loads(pickle.dumps(self._stats))
@@ -220,6 +251,7 @@ class LmdbWriter:
         self._stats = stats
         if record_options:
             self._stored_options = self.data_options
+        write_natoms(self.out_dir, self.stem, np.array([f.n_atoms for f in frames], dtype=np.int32), append=True)
         self.write_manifest()
 
     def _write_failed(self, path: Path, err: lmdb.Error, n_bytes: int) -> KdaugError:
@@ -273,16 +305,25 @@ class LmdbWriter:
         return path
 
     def close(self) -> None:
+        """Close the file and the lock; then write `metadata.npz` if this was the last writer of the directory."""
         if self._env is not None:
             self._env.close()
             self._env = None
         self._lock.release()
+        if self._opened:
+            self._opened = False
+            write_metadata(self.out_dir, {self._path(i): n for i, n in enumerate([*self._lengths, self._length])},
+                           self.stem)
 
     def __enter__(self) -> LmdbWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        try:  # committed frames are whole, so metadata.npz is written after an error too; that error wins
+            self.close()
+        except (KdaugError, OSError):
+            if exc_type is None:
+                raise
 
 
 @contextlib.contextmanager
