@@ -210,3 +210,24 @@ def test_paper_training_recipes_load(recipe):
     loaded = load_config(TrainConfig, [recipe], {"student": "painn-small", "train": ("d",), "out": "o",
                                                   "max_steps": 10})
     assert loaded.ema_decay == 0.999 and loaded.clip_grad_norm == 10.0 and loaded.lr_milestones
+
+
+@pytest.mark.parametrize("kd", [None, "vanilla1"])
+def test_dataloader_workers_open_their_own_lmdb_environments(data, tmp_path, kd):
+    """--num-workers 2 after the parent read the data (the linear reference fit; KD from a teacher cache),
+    on a kdaug-written and a fairchem-tutorial LMDB, fresh and on resume."""
+    from tests.test_train_data import write_tutorial_lmdb
+
+    tutorial, _ = write_tutorial_lmdb(tmp_path / "tutorial.lmdb", 4)
+    extra = {}
+    if kd is not None:
+        cache = tmp_path / "cache"
+        result = kdaug("teacher-cache", "--teacher", "emt", "--data", data["dft"], str(tutorial), "--kd", kd,
+                       "--out", str(cache))
+        assert result.returncode == 0, result.stderr
+        extra = {"kd": kd, "kd_lambda": 1.0, "teacher": "emt", "teacher_cache": str(cache)}
+    out = tmp_path / "run"
+    options = {"train": (data["dft"], str(tutorial)), "num_workers": 2, "checkpoint_every": 2, **extra}
+    run_train(config(data, out, max_steps=2, **options), progress=False)
+    run_train(config(data, out, max_steps=4, **options), progress=False)
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4]
