@@ -116,7 +116,7 @@ class Trainer:
         cache = None
         if config.teacher_cache:
             cache = TeacherCache.open(config.teacher_cache, self.data.fingerprints(), teacher.checkpoint_sha256,
-                                      config.kd)
+                                      config.kd, names=self.data.names(), teacher_identity=teacher.identity)
         return teacher, cache
 
     def _kd_head(self) -> torch.nn.Module:
@@ -244,7 +244,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit=" steps",
                    disable=not (self.progress and self.dist.is_main))
         while self.step < self.total_steps:
-            batches = self.sampler.epoch_batches(self.epoch)[self.batch_in_epoch:]
+            epoch_batches = self.sampler.epoch_batches(self.epoch)
+            batches = epoch_batches[self.batch_in_epoch:]
             loader = torch.utils.data.DataLoader(self.data, batch_sampler=batches, collate_fn=collate,
                                                  num_workers=config.num_workers)
             started, samples = time.perf_counter(), 0
@@ -266,10 +267,10 @@ class Trainer:
                     self.save()
                 if self.step >= self.total_steps:
                     break
-            else:
+            if self.batch_in_epoch == len(epoch_batches):  # an epoch ended (also on the run's last step)
                 self.epoch += 1
                 self.batch_in_epoch = 0
-                if not config.val_every:
+                if not config.val_every and self.step < self.total_steps:  # finish() validates the last
                     self.validate()
         bar.close()
         self.save()

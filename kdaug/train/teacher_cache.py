@@ -3,7 +3,7 @@
 Tree written by `build_teacher_cache(teacher, data_paths, mode, out_dir)`:
 
     out_dir/
-      cache.json               stamp: teacher name, teacher checkpoint sha256, --kd mode, dtype
+      cache.json               stamp: teacher name, checkpoint sha256 and identity, --kd mode, dtype
       <fingerprint>.lmdb       one per dataset, named by `FrameDataset.fingerprint()`:
                                  b"0", b"1", ... -> pickled (n_atoms, energy eV (float), forces (n,3),
                                                     feature (n, ...) or None) of that dataset index;
@@ -56,6 +56,7 @@ class CacheStamp:
     teacher_sha256: str | None
     mode: str
     dtype: str
+    teacher_identity: str | None = None  # `AtomisticModel.identity` (a label-only teacher's class and parameters)
 
 
 def _read_stamp(directory: Path) -> CacheStamp | None:
@@ -142,7 +143,8 @@ def build_teacher_cache(
     for path in data_paths:
         check_output_not_input(str(path), str(out))
     fingerprints = [dataset.fingerprint() for dataset in datasets]
-    stamp = CacheStamp(teacher=teacher.name, teacher_sha256=teacher.checkpoint_sha256, mode=mode, dtype=dtype)
+    stamp = CacheStamp(teacher=teacher.name, teacher_sha256=teacher.checkpoint_sha256, mode=mode, dtype=dtype,
+                       teacher_identity=teacher.identity)
     existing = _read_stamp(out) if out.is_dir() else None
     if existing is not None and existing != stamp:
         diffs = ", ".join(f"{k} {v!r} (now {asdict(stamp)[k]!r})" for k, v in asdict(existing).items()
@@ -236,11 +238,13 @@ class TeacherCache:
         mode: str,
         *,
         names: Sequence[str] | None = None,
+        teacher_identity: str | None = None,
     ) -> TeacherCache:
         """The cache at `directory` for datasets with these fingerprints (in `dataset_idx` order).
 
-        Refuses, naming --teacher-cache, a cache made with another teacher checkpoint or mode, or lacking
-        (complete) targets for one of the datasets (`names[k]`, e.g. its path, says which).
+        Refuses, naming --teacher-cache, a cache made with another teacher checkpoint, teacher identity
+        (`AtomisticModel.identity`, checked when given) or mode, or lacking (complete) targets for one of the
+        datasets (`names[k]`, e.g. its path, says which).
         """
         directory = Path(directory)
         flag = f"--teacher-cache {directory}"
@@ -257,6 +261,9 @@ class TeacherCache:
         if stamp.teacher_sha256 != teacher_sha256:
             msg = (f"{flag}: made with teacher checkpoint sha256 {stamp.teacher_sha256}, but this teacher's is "
                    f"{teacher_sha256}")
+            raise KdaugError(msg)
+        if teacher_identity is not None and stamp.teacher_identity != teacher_identity:
+            msg = f"{flag}: made with teacher {stamp.teacher_identity}, but this teacher is {teacher_identity}"
             raise KdaugError(msg)
         paths = []
         for k, fingerprint in enumerate(fingerprints):
