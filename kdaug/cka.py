@@ -23,10 +23,10 @@ import numpy as np
 import torch
 
 from kdaug.data.batch import make_batch
+from kdaug.data.training_set import TrainingSet, collate
 from kdaug.errors import KdaugError
 from kdaug.models import load_model
 from kdaug.models.protocol import AtomisticModel
-from kdaug.train.data import TrainingSet, collate
 
 
 def linear_cka(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:

@@ -17,6 +17,7 @@ from ase.data import atomic_numbers, chemical_symbols
 
 from kdaug.cka import cka_map, collect_layer_features, plot_cka
 from kdaug.config import load_config
+from kdaug.data.training_set import TrainingSet
 from kdaug.errors import KdaugError
 from kdaug.evaluate import evaluate
 from kdaug.generate import GenerateConfig, run_generate
@@ -30,7 +31,6 @@ from kdaug.study.plots import plot_gap_closed, plot_learning_curves
 from kdaug.study.table import markdown_table, table_rows
 from kdaug.train import kd
 from kdaug.train.config import TrainConfig
-from kdaug.train.data import TrainingSet
 from kdaug.train.loop import run_train
 
 logger = logging.getLogger(__name__)

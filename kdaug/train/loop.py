@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from kdaug.data.training_set import TrainingSet, collate
 from kdaug.errors import KdaugError
 from kdaug.evaluate import evaluate
 from kdaug.models import load_model, load_teacher
@@ -43,7 +44,6 @@ from kdaug.models.fairchem_v1 import FairchemModel
 from kdaug.train import kd
 from kdaug.train.checkpoint import atomic_save, export_student
 from kdaug.train.config import RESUMABLE_CHANGES, TrainConfig
-from kdaug.train.data import TrainingSet, collate
 from kdaug.train.distributed import Distributed
 from kdaug.train.losses import LossWeights, energy_force_loss
 from kdaug.train.mixing import MixedBatchSampler, batch_weights
