@@ -5,9 +5,9 @@ Tree written by `build_teacher_cache(teacher, data_paths, mode, out_dir)`:
     out_dir/
       cache.json               stamp: teacher name, checkpoint sha256 and identity, --kd mode, dtype
       <fingerprint>.lmdb       one per dataset, named by `FrameDataset.fingerprint()`:
-                                 b"0", b"1", ... -> pickled (n_atoms, energy eV (float), forces (n,3),
-                                                    feature (n, ...) or None) of that dataset index;
-                                                    forces and features in the stamp's dtype
+                                 b"0", b"1", ... -> pickled {"n_atoms": int, "energy": eV float,
+                                                    "forces": (n,3), "feature": (n, ...) or None} of that
+                                                    dataset index; forces and features in the stamp's dtype
                                  b"length"        -> frames in the dataset
                                  b"done"          -> frames 0..done-1 are written (resume point)
 
@@ -211,7 +211,8 @@ def _frame_records(targets: TeacherTargets, n_atoms: list[int], dtype: np.dtype)
     energies = targets.energy.double().cpu().numpy()
     forces = per_frame(targets.forces)
     features = per_frame(targets.features) if targets.features is not None else [None] * len(n_atoms)
-    return [pickle.dumps((n, float(e), f, h), protocol=pickle.HIGHEST_PROTOCOL)
+    return [pickle.dumps({"n_atoms": n, "energy": float(e), "forces": f, "feature": h},
+                         protocol=pickle.HIGHEST_PROTOCOL)
             for n, e, f, h in zip(n_atoms, energies, forces, features)]
 
 
@@ -296,15 +297,16 @@ class TeacherCache:
             raise KdaugError(msg)
         records = [pickle.loads(raw[d, i]) for d, i in zip(dataset_idx, local_idx)]
         natoms = batch.natoms.tolist()
-        for (n, *_), expected, d, i in zip(records, natoms, dataset_idx, local_idx):
+        for record, expected, d, i in zip(records, natoms, dataset_idx, local_idx):
+            n = record["n_atoms"]
             if n != expected:
                 msg = (f"--teacher-cache {self.directory}: frame {i} of {self.paths[d].name} has {n} atoms, "
                        f"the data {expected}; the data changed since the cache was made")
                 raise KdaugError(msg)
         device, dtype = batch.pos.device, batch.pos.dtype
-        energy = torch.tensor([r[1] for r in records], dtype=torch.float64)
-        forces = torch.from_numpy(np.concatenate([r[2] for r in records]))
+        energy = torch.tensor([r["energy"] for r in records], dtype=torch.float64)
+        forces = torch.from_numpy(np.concatenate([r["forces"] for r in records]))
         features = None
-        if records[0][3] is not None:
-            features = torch.from_numpy(np.concatenate([r[3] for r in records]))
+        if records[0]["feature"] is not None:
+            features = torch.from_numpy(np.concatenate([r["feature"] for r in records]))
         return TeacherTargets(energy, forces, features).to(device, dtype)
