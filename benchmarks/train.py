@@ -19,9 +19,9 @@ import torch
 
 from benchmarks.common import oc20_sized_frame, rate
 from kdaug.data.lmdb import LmdbWriter
+from kdaug.data.training_set import collate
 from kdaug.models import load_model, load_teacher
 from kdaug.train.config import TrainConfig
-from kdaug.train.data import collate
 from kdaug.train.loop import Trainer
 from kdaug.train.teacher_cache import build_teacher_cache
 

@@ -23,10 +23,10 @@ import torch
 
 from kdaug.data.batch import make_batch
 from kdaug.data.run_record import check_input_paths, check_output_not_input, make_output_dir, write_json
+from kdaug.data.training_set import TrainingSet, collate
 from kdaug.errors import KdaugError
 from kdaug.models import load_model
 from kdaug.models.protocol import AtomisticModel
-from kdaug.train.data import TrainingSet, collate
 
 
 def linear_cka(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray) -> float:

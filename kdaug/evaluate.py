@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from kdaug.data.batch import make_batch
 from kdaug.data.run_record import check_input_paths
+from kdaug.data.training_set import TrainingSet, collate
 from kdaug.errors import KdaugError
 from kdaug.models.protocol import AtomisticModel
-from kdaug.train.data import TrainingSet, collate
 
 ENERGY_THRESHOLD_EV = 0.02
 FORCE_THRESHOLD_EV_PER_ANG = 0.03

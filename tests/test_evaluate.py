@@ -7,6 +7,9 @@ import io
 import json
 import math
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +17,9 @@ from fairchem.core.modules.evaluator import Evaluator
 
 from kdaug.cli.main import main
 from kdaug.data.lmdb import LmdbWriter
+from kdaug.data.training_set import TrainingSet, collate
 from kdaug.evaluate import evaluate, metrics_from_predictions
 from kdaug.models import AtomisticModel, ModelOutput, load_model
-from kdaug.train.data import TrainingSet, collate
 from kdaug.types import Provenance
 from tests.conftest import emt_frames
 
@@ -187,3 +190,12 @@ def test_bad_input_is_one_line(tmp_path, data):
         assert stderr.count("\n") == 1, stderr
         assert stderr.startswith("kdaug evaluate: error: ")
         assert re.search(pattern, stderr), (pattern, stderr)
+
+
+def test_evaluate_does_not_import_the_training_half():
+    """Imports run down the layers: train imports evaluate, never the other way."""
+    code = ("import sys, kdaug.evaluate, kdaug.data.training_set; "
+            "print(sorted(m for m in sys.modules if m.startswith('kdaug.train')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "[]"

@@ -191,3 +191,16 @@ def test_two_readers_of_one_file_in_one_process_share_it(tmp_path, frames):
     assert second.frame(2).sid == frames[2].sid
     second.close()
     assert FrameDataset(tmp_path / "a").frame(0).sid == frames[0].sid
+
+
+def test_fingerprint_sees_a_changed_middle_frame(tmp_path, frames):
+    assert len(frames) >= 3
+    changed = list(frames)
+    middle = changed[1]
+    changed[1] = middle.replace(energy=middle.energy + 0.5)
+    for name, subset in (("a", frames), ("b", changed)):
+        with LmdbWriter(tmp_path / name) as writer:
+            writer.write_batch(subset)
+    first, second = FrameDataset(tmp_path / "a"), FrameDataset(tmp_path / "b")
+    assert first.frame(0).energy == second.frame(0).energy and first.frame(-1).energy == second.frame(-1).energy
+    assert first.fingerprint() != second.fingerprint()

@@ -1,4 +1,4 @@
-"""A wheel built from the repository works outside it: packaged model configs and bulks are found."""
+"""A wheel built from the repository works outside it: packaged model configs, bulks and KD weights are found."""
 
 from __future__ import annotations
 
@@ -70,3 +70,16 @@ def test_wheel_installed_outside_the_repo_runs_generate(tmp_path):
     assert report["painn_tiny"] == "painn-tiny"
     assert report["bulk_ids_used"] and set(report["bulk_ids_used"]) <= set(report["packaged_bulk_ids"])
     assert len(report["packaged_bulk_ids"]) > 100  # the embedded database, not a test fixture
+
+    # --kd n2n on a Table 7 pair (painn-big -> painn-small: lambda 100) without --kd-lambda
+    teacher = elsewhere / "painn-big.pt"
+    run([sys.executable, "-c", "import sys; from kdaug.models import load_model; "
+         "load_model('painn-big').save(sys.argv[1])", str(teacher)], cwd=elsewhere, env=env)
+    run_dir = elsewhere / "kd-run"
+    run([sys.executable, "-m", "kdaug", "train", "--student", "painn-small", "--teacher", "painn-big",
+         "--teacher-checkpoint", str(teacher), "--kd", "n2n", "--train", str(out), "--batch-size", "1",
+         "--max-steps", "1", "--out", str(run_dir)], cwd=elsewhere, env=env)
+    (record,) = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()
+                 if "loss" in json.loads(line)]
+    assert record["kd"] > 0
+    assert (record["loss"] - record["l0"]) / record["kd"] == pytest.approx(100, rel=1e-3)

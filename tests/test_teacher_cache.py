@@ -11,10 +11,10 @@ from torch_geometric.data import Batch
 
 from kdaug.cli.main import main
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
+from kdaug.data.training_set import TrainingSet, collate
 from kdaug.errors import KdaugError
 from kdaug.models import load_model, load_teacher
 from kdaug.train import teacher_cache
-from kdaug.train.data import TrainingSet, collate
 from kdaug.train.kd import build_kd_head, kd_loss, live_teacher_targets, required_taps
 from kdaug.train.teacher_cache import TeacherCache, build_teacher_cache
 from tests.conftest import emt_frames

@@ -210,3 +210,55 @@ def test_paper_training_recipes_load(recipe):
     loaded = load_config(TrainConfig, [recipe], {"student": "painn-small", "train": ("d",), "out": "o",
                                                   "max_steps": 10})
     assert loaded.ema_decay == 0.999 and loaded.clip_grad_norm == 10.0 and loaded.lr_milestones
+
+
+@pytest.mark.parametrize("kd", [None, "vanilla1"])
+def test_dataloader_workers_open_their_own_lmdb_environments(data, tmp_path, kd):
+    """--num-workers 2 after the parent read the data (the linear reference fit; KD from a teacher cache),
+    on a kdaug-written and a fairchem-tutorial LMDB, fresh and on resume."""
+    from tests.test_train_data import write_tutorial_lmdb
+
+    tutorial, _ = write_tutorial_lmdb(tmp_path / "tutorial.lmdb", 4)
+    extra = {}
+    if kd is not None:
+        cache = tmp_path / "cache"
+        result = kdaug("teacher-cache", "--teacher", "emt", "--data", data["dft"], str(tutorial), "--kd", kd,
+                       "--out", str(cache))
+        assert result.returncode == 0, result.stderr
+        extra = {"kd": kd, "kd_lambda": 1.0, "teacher": "emt", "teacher_cache": str(cache)}
+    out = tmp_path / "run"
+    options = {"train": (data["dft"], str(tutorial)), "num_workers": 2, "checkpoint_every": 2, **extra}
+    run_train(config(data, out, max_steps=2, **options), progress=False)
+    run_train(config(data, out, max_steps=4, **options), progress=False)
+    assert [r["step"] for r in read_log(out) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_a_teacher_cache_refuses_changed_data_and_another_label_only_teacher_naming_the_file(data, tmp_path):
+    changed = emt_frames(6)
+    changed[2] = changed[2].replace(energy=changed[2].energy + 0.5)  # same length, first and last frame
+    paths = {}
+    for name, frames in (("same", emt_frames(6)), ("changed", changed)):
+        with LmdbWriter(tmp_path / name) as writer:
+            writer.write_batch(frames)
+        paths[name] = str(tmp_path / name)
+    cache = tmp_path / "cache"
+    result = kdaug("teacher-cache", "--teacher", "emt", "--data", paths["same"], "--kd", "vanilla1",
+                   "--out", str(cache))
+    assert result.returncode == 0, result.stderr
+    base = ["train", "--student", "painn-tiny", "--max-steps", "1", "--kd", "vanilla1", "--kd-lambda", "1",
+            "--teacher-cache", str(cache)]
+    assert kdaug(*base, "--teacher", "emt", "--train", paths["same"], "--out", str(tmp_path / "ok")).returncode == 0
+    result = kdaug(*base, "--teacher", "emt", "--train", paths["changed"], "--out", str(tmp_path / "changed-run"))
+    assert result.returncode == 2 and f"no targets for --train {paths['changed']}" in result.stderr, result.stderr
+    result = kdaug(*base, "--teacher", "ase:ase.calculators.lj:LennardJones", "--train", paths["same"],
+                   "--out", str(tmp_path / "lj-run"))
+    assert result.returncode == 2 and "ase.calculators.emt.EMT" in result.stderr, result.stderr
+    assert "LennardJones" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_epochs_1_reports_one_epoch(data, tmp_path):
+    result = kdaug("train", "--student", "painn-tiny", "--train", data["dft"], "--batch-size", "2", "--epochs", "1",
+                   "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["epochs"] == 1 and summary["steps"] == 3

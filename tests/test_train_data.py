@@ -11,8 +11,8 @@ import torch
 from fairchem.core.preprocessing import AtomsToGraphs
 
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
+from kdaug.data.training_set import TrainingSet, collate
 from kdaug.errors import KdaugError
-from kdaug.train.data import TrainingSet, collate
 from kdaug.train.mixing import MixedBatchSampler
 from kdaug.types import Provenance
 from tests.conftest import emt_frames, emt_slab

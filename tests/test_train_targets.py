@@ -9,10 +9,10 @@ import torch
 
 from kdaug.data.convert import frame_to_data
 from kdaug.data.lmdb import LmdbWriter
+from kdaug.data.training_set import TrainingSet
 from kdaug.evaluate import evaluate
 from kdaug.train import loop, target_stats
 from kdaug.train.config import TrainConfig
-from kdaug.train.data import TrainingSet
 from kdaug.train.loop import Trainer
 from kdaug.train.target_stats import N_ELEMENTS, fit_output_transform, fit_references
 from tests.conftest import emt_frames

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch, Data
 
-from kdaug.data.convert import data_to_frame, frame_to_data
+from kdaug.data.convert import data_energy_forces, data_to_frame, frame_to_data
 from kdaug.data.entries import decode_entry, entry_error
 from kdaug.data.lmdb_file import check_lmdb_file, damaged
 from kdaug.data.metadata import read_natoms, remove_metadata, stored_length, write_metadata, write_natoms
@@ -368,8 +368,21 @@ def _open_readonly(path: Path) -> lmdb.Environment:
 _SHARED: dict[tuple[int, Path], list] = {}
 
 
+def _drop_inherited() -> None:
+    """Close the environments a forked process (a DataLoader worker) inherited from its parent.
+
+    py-lmdb refuses to open a file whose inherited environment is still open ("already open in this
+    process"), and LMDB forbids using an environment across fork, so the child closes its copies and
+    opens its own; the parent's environments are untouched.
+    """
+    pid = os.getpid()
+    for key in [key for key in _SHARED if key[0] != pid]:
+        _SHARED.pop(key)[0].close()
+
+
 def _acquire(file: Path) -> lmdb.Environment:
     """The process's read-only environment of `file` (opened on first use)."""
+    _drop_inherited()
     key = (os.getpid(), file.resolve())
     if key not in _SHARED:
         _SHARED[key] = [_open_checked(file), 0]
@@ -479,18 +492,23 @@ class FrameDataset(torch.utils.data.Dataset):
         return decode_entry(file, key, raw)
 
     def fingerprint(self) -> str:
-        """sha256 naming this data: per file, its name and length, and the structure and labels of its first
-        and last frame (pickled bytes are not stable, so the arrays are hashed).
+        """sha256 naming this data: per file, its name and length, and the structure and labels of every
+        frame (positions, atomic numbers, cell, tags, fixed, energy, forces; pickled bytes are not stable
+        between writes, so the decoded arrays are hashed).
 
-        Cheap for millions of frames; caches and derived datasets use it to refuse data they were not made from.
+        Every frame counts, so data whose middle frames changed (same name, length, first and last frame)
+        gets another fingerprint; caches and derived datasets use it to refuse data they were not made from.
         """
         digest = hashlib.sha256()
-        for file, length, offset in zip(self.files, self.lengths, self._offsets):
+        for file, length in zip(self.files, self.lengths):
             digest.update(f"{file.name}:{length}".encode())
-            for index in sorted({offset, offset + length - 1}) if length else ():
-                frame = self.frame(int(index))
-                for array in (frame.positions, frame.atomic_numbers, frame.cell, frame.forces, [frame.energy]):
-                    digest.update(np.ascontiguousarray(array, dtype=np.float64).tobytes())
+        for index in range(len(self)):
+            data = self[index]
+            energy, forces = data_energy_forces(data)
+            arrays = [data.pos, data.atomic_numbers, data.cell, forces, [float(energy)]]
+            arrays += [data[key] for key in ("tags", "fixed") if key in data]
+            for array in arrays:
+                digest.update(np.ascontiguousarray(np.asarray(array), dtype=np.float64).tobytes())
         return digest.hexdigest()
 
     def frame(self, index: int) -> Frame:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
 
 import numpy as np
@@ -29,6 +30,13 @@ class AseCalculatorModel(AtomisticModel):
         if supported_elements is not None:
             self.supported_elements = supported_elements
         self._calc = factory()
+
+    @property
+    def identity(self) -> str:
+        """A label-only teacher has no checkpoint: its calculator class and parameters name it."""
+        cls = type(self._calc)
+        parameters = json.dumps(dict(getattr(self._calc, "parameters", {})), sort_keys=True, default=str)
+        return f"{cls.__module__}.{cls.__qualname__}({parameters})"
 
     def compute(self, batch: Batch, taps: tuple[str, ...]) -> ModelOutput:
         pos = batch.pos.detach().cpu().double().numpy()

@@ -79,6 +79,11 @@ class AtomisticModel(nn.Module, abc.ABC):
         return torch.device("cpu")
 
     @property
+    def identity(self) -> str:
+        """What stamps this model's outputs (teacher caches): its name and checkpoint sha256."""
+        return f"{self.name} sha256 {self.checkpoint_sha256}"
+
+    @property
     def dtype(self) -> torch.dtype:
         """Precision of the positions the model expects: its parameters' (float32 GNNs),
         float64 for parameter-free calculators."""

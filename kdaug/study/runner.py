@@ -27,6 +27,7 @@ from kdaug.data.run_record import (
     to_json,
     write_json,
 )
+from kdaug.data.training_set import TrainingSet
 from kdaug.errors import KdaugError
 from kdaug.evaluate import evaluate
 from kdaug.generate import GenerateConfig, run_generate
@@ -40,7 +41,6 @@ from kdaug.study.plots import plot_gap_closed, plot_learning_curves
 from kdaug.study.table import markdown_table, table_rows
 from kdaug.train import kd
 from kdaug.train.config import TrainConfig
-from kdaug.train.data import TrainingSet
 from kdaug.train.loop import run_train
 
 logger = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ system's weight (the r_s/dft weights).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -25,11 +24,11 @@ from torch_geometric.data import Batch
 
 from kdaug.errors import KdaugError
 from kdaug.models.protocol import AtomisticModel, EdgeFeatures, ModelOutput
+from kdaug.resources import resource_path
 from kdaug.train.losses import LossWeights, energy_force_loss
 
 KD_MODES: tuple[str, ...] = ("none", "vanilla1", "vanilla2", "n2n", "e2n", "v2v")
 FEATURE_LOSSES: tuple[str, ...] = ("mse", "mae")
-KD_LAMBDA_FILE = Path(__file__).resolve().parents[2] / "configs" / "kd-lambda.yml"
 
 # mode -> (teacher taps, student taps)
 _TAPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -246,11 +245,11 @@ def kd_loss(
 
 
 def default_kd_lambda(teacher_name: str, student_name: str, mode: str, *, dataset: str = "oc20") -> float | None:
-    """lambda of the paper's Table 7 for the pair and mode (configs/kd-lambda.yml), None if it has none.
+    """lambda of the paper's Table 7 for the pair and mode (configs/kd-lambda.yml, shipped as the resource kd-lambda.yml), None if it has none.
 
     Names are model names ("gemnet-oc", "painn-big", "painn-small", "schnet"; "_" counts as "-").
     """
-    table = yaml.safe_load(KD_LAMBDA_FILE.read_text())
+    table = yaml.safe_load(resource_path("kd-lambda.yml").read_text())
 
     def key(name: str) -> str:
         return name.lower().replace("_", "-")

@@ -39,6 +39,7 @@ import torch
 from tqdm import tqdm
 
 from kdaug.data.run_record import to_json
+from kdaug.data.training_set import TrainingSet, collate
 from kdaug.errors import KdaugError, write_error
 from kdaug.evaluate import evaluate
 from kdaug.models import load_model, load_teacher
@@ -46,7 +47,6 @@ from kdaug.models.fairchem_v1 import FairchemModel
 from kdaug.train import kd
 from kdaug.train.checkpoint import export_student
 from kdaug.train.config import TrainConfig
-from kdaug.train.data import TrainingSet, collate
 from kdaug.train.distributed import Distributed
 from kdaug.train.losses import LossWeights, energy_force_loss
 from kdaug.train.mixing import MixedBatchSampler, batch_weights
@@ -124,7 +124,7 @@ class Trainer:
         cache = None
         if config.teacher_cache:
             cache = TeacherCache.open(config.teacher_cache, self.data.fingerprints(), teacher.checkpoint_sha256,
-                                      config.kd)
+                                      config.kd, names=self.data.names(), teacher_identity=teacher.identity)
         return teacher, cache
 
     def _kd_head(self) -> torch.nn.Module:
@@ -274,7 +274,8 @@ class Trainer:
     def _train(self, bar: tqdm) -> None:
         config = self.config
         while self.step < self.total_steps:
-            batches = self.sampler.epoch_batches(self.epoch)[self.batch_in_epoch:]
+            epoch_batches = self.sampler.epoch_batches(self.epoch)
+            batches = epoch_batches[self.batch_in_epoch:]
             loader = torch.utils.data.DataLoader(self.data, batch_sampler=batches, collate_fn=collate,
                                                  num_workers=config.num_workers)
             started, samples = time.perf_counter(), 0
@@ -296,10 +297,10 @@ class Trainer:
                     self.save()
                 if self.step >= self.total_steps:
                     break
-            else:
+            if self.batch_in_epoch == len(epoch_batches):  # an epoch ended (also on the run's last step)
                 self.epoch += 1
                 self.batch_in_epoch = 0
-                if not config.val_every:
+                if not config.val_every and self.step < self.total_steps:  # finish() validates the last
                     self.validate()
 
     def validate(self) -> dict | None:

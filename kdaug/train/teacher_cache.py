@@ -3,11 +3,11 @@
 Tree written by `build_teacher_cache(teacher, data_paths, mode, out_dir)`:
 
     out_dir/
-      cache.json               stamp: teacher name, teacher checkpoint sha256, --kd mode, dtype
+      cache.json               stamp: teacher name, checkpoint sha256 and identity, --kd mode, dtype
       <fingerprint>.lmdb       one per dataset, named by `FrameDataset.fingerprint()`:
-                                 b"0", b"1", ... -> pickled (n_atoms, energy eV (float), forces (n,3),
-                                                    feature (n, ...) or None) of that dataset index;
-                                                    forces and features in the stamp's dtype
+                                 b"0", b"1", ... -> pickled {"n_atoms": int, "energy": eV float,
+                                                    "forces": (n,3), "feature": (n, ...) or None} of that
+                                                    dataset index; forces and features in the stamp's dtype
                                  b"length"        -> frames in the dataset
                                  b"done"          -> frames 0..done-1 are written (resume point)
 
@@ -56,6 +56,7 @@ class CacheStamp:
     teacher_sha256: str | None
     mode: str
     dtype: str
+    teacher_identity: str | None = None  # `AtomisticModel.identity` (a label-only teacher's class and parameters)
 
 
 def _read_stamp(directory: Path) -> CacheStamp | None:
@@ -142,7 +143,8 @@ def build_teacher_cache(
     for path in data_paths:
         check_output_not_input(str(path), str(out))
     fingerprints = [dataset.fingerprint() for dataset in datasets]
-    stamp = CacheStamp(teacher=teacher.name, teacher_sha256=teacher.checkpoint_sha256, mode=mode, dtype=dtype)
+    stamp = CacheStamp(teacher=teacher.name, teacher_sha256=teacher.checkpoint_sha256, mode=mode, dtype=dtype,
+                       teacher_identity=teacher.identity)
     existing = _read_stamp(out) if out.is_dir() else None
     if existing is not None and existing != stamp:
         diffs = ", ".join(f"{k} {v!r} (now {asdict(stamp)[k]!r})" for k, v in asdict(existing).items()
@@ -209,7 +211,8 @@ def _frame_records(targets: TeacherTargets, n_atoms: list[int], dtype: np.dtype)
     energies = targets.energy.double().cpu().numpy()
     forces = per_frame(targets.forces)
     features = per_frame(targets.features) if targets.features is not None else [None] * len(n_atoms)
-    return [pickle.dumps((n, float(e), f, h), protocol=pickle.HIGHEST_PROTOCOL)
+    return [pickle.dumps({"n_atoms": n, "energy": float(e), "forces": f, "feature": h},
+                         protocol=pickle.HIGHEST_PROTOCOL)
             for n, e, f, h in zip(n_atoms, energies, forces, features)]
 
 
@@ -236,11 +239,13 @@ class TeacherCache:
         mode: str,
         *,
         names: Sequence[str] | None = None,
+        teacher_identity: str | None = None,
     ) -> TeacherCache:
         """The cache at `directory` for datasets with these fingerprints (in `dataset_idx` order).
 
-        Refuses, naming --teacher-cache, a cache made with another teacher checkpoint or mode, or lacking
-        (complete) targets for one of the datasets (`names[k]`, e.g. its path, says which).
+        Refuses, naming --teacher-cache, a cache made with another teacher checkpoint, teacher identity
+        (`AtomisticModel.identity`, checked when given) or mode, or lacking (complete) targets for one of the
+        datasets (`names[k]`, e.g. its path, says which).
         """
         directory = Path(directory)
         flag = f"--teacher-cache {directory}"
@@ -257,6 +262,9 @@ class TeacherCache:
         if stamp.teacher_sha256 != teacher_sha256:
             msg = (f"{flag}: made with teacher checkpoint sha256 {stamp.teacher_sha256}, but this teacher's is "
                    f"{teacher_sha256}")
+            raise KdaugError(msg)
+        if teacher_identity is not None and stamp.teacher_identity != teacher_identity:
+            msg = f"{flag}: made with teacher {stamp.teacher_identity}, but this teacher is {teacher_identity}"
             raise KdaugError(msg)
         paths = []
         for k, fingerprint in enumerate(fingerprints):
@@ -289,15 +297,16 @@ class TeacherCache:
             raise KdaugError(msg)
         records = [pickle.loads(raw[d, i]) for d, i in zip(dataset_idx, local_idx)]
         natoms = batch.natoms.tolist()
-        for (n, *_), expected, d, i in zip(records, natoms, dataset_idx, local_idx):
+        for record, expected, d, i in zip(records, natoms, dataset_idx, local_idx):
+            n = record["n_atoms"]
             if n != expected:
                 msg = (f"--teacher-cache {self.directory}: frame {i} of {self.paths[d].name} has {n} atoms, "
                        f"the data {expected}; the data changed since the cache was made")
                 raise KdaugError(msg)
         device, dtype = batch.pos.device, batch.pos.dtype
-        energy = torch.tensor([r[1] for r in records], dtype=torch.float64)
-        forces = torch.from_numpy(np.concatenate([r[2] for r in records]))
+        energy = torch.tensor([r["energy"] for r in records], dtype=torch.float64)
+        forces = torch.from_numpy(np.concatenate([r["forces"] for r in records]))
         features = None
-        if records[0][3] is not None:
-            features = torch.from_numpy(np.concatenate([r[3] for r in records]))
+        if records[0]["feature"] is not None:
+            features = torch.from_numpy(np.concatenate([r["feature"] for r in records]))
         return TeacherTargets(energy, forces, features).to(device, dtype)

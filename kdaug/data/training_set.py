@@ -63,6 +63,7 @@ class TrainingSet(torch.utils.data.Dataset):
                 opened[key] = _open(path, flag)
             return opened[key]
 
+        self._names = [f"{flags[0]} {path}" for path in dft_paths] + [f"{flags[1]} {path}" for path in synthetic_paths]
         dft = [open_once(path, flags[0]) for path in dft_paths]
         synthetic = [open_once(path, flags[1]) for path in synthetic_paths]
         self.datasets: list[FrameDataset] = [*dft, *synthetic]
@@ -77,6 +78,10 @@ class TrainingSet(torch.utils.data.Dataset):
     def fingerprints(self) -> list[str]:
         """`FrameDataset.fingerprint()` of each dataset, in `dataset_idx` order."""
         return [dataset.fingerprint() for dataset in self.datasets]
+
+    def names(self) -> list[str]:
+        """Each dataset as the user named it ("--train PATH"), in `dataset_idx` order."""
+        return list(self._names)
 
     def locate(self, index: int) -> tuple[int, int]:
         """(dataset_idx, local_idx) of sample `index`."""
