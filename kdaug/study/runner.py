@@ -233,7 +233,6 @@ class Study:
                 raise KdaugError(f"{key}.train: {err}") from err
 
     def run(self) -> dict:
-        config = self.config
         self.check_inputs()
         make_output_dir(self.out, flag="out")
         lock = OutputLock(self.out, "study")

@@ -261,7 +261,6 @@ class Trainer:
 
     # -- the run ------------------------------------------------------------------------
     def run(self) -> dict:
-        config = self.config
         bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit=" steps",
                    disable=not (self.progress and self.dist.is_main))
         try:
