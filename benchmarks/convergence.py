@@ -6,7 +6,8 @@ bulks they are cut from.
 
 Systems 0..n-1 (seed 0, all adsorbates the teacher supports) are relaxed to 0.05 eV/A, `--batch` at a time,
 once for each bulk choice:
-- shipped: `data/bulks.pkl` as it is (ASE reference crystals and Vegard's-law prototype binaries);
+- shipped: `data/bulks.pkl` as it is (generators/build_bulks.py: dcdft elements and prototype binaries within
+  0.1 eV/atom of CHGNet's hull, all CHGNet-relaxed);
 - teacher-relaxed: the same list, with each bulk these systems draw first relaxed by the teacher (cell and
   positions, ASE FrechetCellFilter + FIRE to 0.02 eV/A); a changed lattice can change the slab drawn;
 - elemental: the single-element bulks only (other systems: the draws follow the list).

@@ -7,8 +7,8 @@ import pytest
 
 from kdaug.sampling.oc import SamplerConfig, SystemSampler
 
-# Embedded bulks with small cells (Cs2Pd2 L1_0: two elements; Ni fcc): enumerating them takes seconds.
-BULKS = ["kdaug-L1_0-PdCs", "kdaug-fcc-Ni"]
+# Embedded bulks with small cells (AlNi B2: two elements; Ni fcc): enumerating them takes seconds.
+BULKS = ["kdaug-B2-AlNi", "kdaug-dcdft-Ni"]
 
 
 def slab_key(slab):
