@@ -146,24 +146,6 @@ def test_emt_teacher_matches_ase(two_frames):
                                    atoms.get_forces(apply_constraint=False), atol=1e-8)
 
 
-def test_emt_teacher_keeps_each_systems_neighbour_list_across_steps(two_frames):
-    """A relaxation batch alternates systems: each keeps its own calculator, so EMT's neighbour list is built
-    once per system and not again after a small step (a shared calculator rebuilt it on every call)."""
-    teacher = load_teacher("emt")
-    batch = batch_from_frames(two_frames, dtype=torch.float64)
-    first = teacher(batch)
-    batch.pos = batch.pos.clone()
-    batch.pos[-1] += 0.02  # one atom, a step well inside EMT's neighbour-list skin
-    moved = teacher(batch)
-    calcs = list(teacher._calcs.values())
-    assert len(calcs) == 2
-    assert [calc.nl.nupdates for calc in calcs] == [1, 1]
-    assert not torch.allclose(first.forces, moved.forces)
-    fresh = load_teacher("emt")(batch)  # the kept neighbour lists give a fresh calculator's numbers
-    torch.testing.assert_close(moved.energy, fresh.energy, rtol=0, atol=1e-10)
-    torch.testing.assert_close(moved.forces, fresh.forces, rtol=0, atol=1e-10)
-
-
 def test_chgnet_adapter_matches_its_ase_calculator(models, two_frames, oc20_atoms):
     from chgnet.model import StructOptimizer  # noqa: F401  (ensures chgnet.model.dynamics is importable)
     from chgnet.model.dynamics import CHGNetCalculator

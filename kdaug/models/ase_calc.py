@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -16,8 +15,6 @@ from torch_geometric.data import Batch
 
 from kdaug.errors import KdaugError
 from kdaug.models.protocol import AtomisticModel, ModelOutput
-
-CALCULATORS_KEPT = 1024  # systems in flight at once (a relaxation batch) stay well below this
 
 
 class AseCalculatorModel(AtomisticModel):
@@ -33,19 +30,6 @@ class AseCalculatorModel(AtomisticModel):
         if supported_elements is not None:
             self.supported_elements = supported_elements
         self._calc = factory()
-        self._calcs: OrderedDict[bytes, Calculator] = OrderedDict()
-
-    def _calculator(self, numbers: np.ndarray, cell: np.ndarray) -> Calculator:
-        """The calculator of the system with these elements (N,) and cell (3, 3) A; the least recently used
-        is dropped past CALCULATORS_KEPT. A calculator then keeps its neighbour list between the steps of a
-        relaxation (as ASE's one calculator per Atoms does) instead of rebuilding it whenever the next system
-        in the batch differs; its results do not depend on which calculator it is."""
-        key = numbers.tobytes() + cell.tobytes()
-        calc = self._calcs.pop(key, None) or self.factory()
-        self._calcs[key] = calc
-        if len(self._calcs) > CALCULATORS_KEPT:
-            self._calcs.popitem(last=False)
-        return calc
 
     @property
     def identity(self) -> str:
@@ -62,7 +46,7 @@ class AseCalculatorModel(AtomisticModel):
         energies, forces = [], []
         for system, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
             atoms = Atoms(numbers=numbers[start:stop], positions=pos[start:stop], cell=cells[system], pbc=True)
-            atoms.calc = self._calculator(numbers[start:stop], cells[system])
+            atoms.calc = self._calc
             try:
                 energies.append(atoms.get_potential_energy())
                 forces.append(atoms.get_forces())
