@@ -30,7 +30,7 @@ from kdaug.data.convert import frame_to_data
 from kdaug.data.lmdb import FrameDataset, LmdbWriter
 from kdaug.errors import KdaugError
 from kdaug.generate import GenerateConfig, run_generate
-from tests.conftest import emt_frames
+from tests.conftest import emt_frames, mounted_tmpfs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
@@ -321,13 +321,7 @@ def test_rattle_with_elements_the_teacher_lacks_creates_no_output(tmp_path):
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A 192 KiB tmpfs (needs root); skipped where it cannot be mounted (the simulated tests still run)."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192k", "tmpfs", str(mount)], capture_output=True,
-                      check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    yield from mounted_tmpfs(tmp_path / "tiny", "192k")
 
 
 def test_full_disk_is_one_line_keeps_committed_frames_and_resumes(tmp_path, tiny_disk):

@@ -20,7 +20,7 @@ import torch
 from kdaug.data.lmdb import LmdbWriter
 from kdaug.data.output_lock import OutputLock
 from kdaug.models import load_model
-from tests.conftest import emt_frames
+from tests.conftest import emt_frames, mounted_tmpfs
 from tests.test_cli_data import kdaug
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,13 +239,7 @@ def test_out_an_existing_file_is_one_line(data, tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 500 KiB tmpfs (needs root): one checkpoint of painn-tiny (270 KiB) fits, its replacement beside it not."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=500k", "tmpfs", str(mount)], capture_output=True,
-                      check=False).returncode:
-        pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    yield from mounted_tmpfs(tmp_path / "small", "500k")
 
 
 def test_full_disk_at_a_checkpoint_is_one_line_keeps_the_last_one_and_resumes_exactly(data, reference, small_disk):
