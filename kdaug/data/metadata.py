@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kdaug.data.run_record import atomic_write
 from kdaug.errors import write_error
 
 METADATA_NAME = "metadata.npz"
@@ -118,16 +119,9 @@ def write_metadata(out_dir: Path, lengths: dict[Path, int], own_stem: str) -> Pa
                 return None
             parts.append(natoms)
         path = out_dir / METADATA_NAME
-        tmp = out_dir / f".{METADATA_NAME}.tmp"
         content = io.BytesIO()  # zipped in memory: a full disk then fails one plain write
         np.savez(content, natoms=np.concatenate(parts))
-        try:
-            tmp.write_bytes(content.getvalue())
-            tmp.replace(path)
-        except OSError as err:
-            raise write_error(path, err) from err
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, content.getvalue())
         return path
 
 

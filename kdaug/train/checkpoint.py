@@ -10,20 +10,13 @@ Both are written to a temporary file and renamed, so a kill never leaves a half-
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kdaug.data.run_record import atomic_write
 from kdaug.models.fairchem_v1 import FairchemModel
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to `path` through a temporary file in the same directory and an atomic rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def fairchem_config(student: FairchemModel, *, batch_size: int, seed: int) -> dict[str, Any]:
@@ -51,4 +44,4 @@ def export_student(student: FairchemModel, path: Path, *, batch_size: int, seed:
     state = {f"module.{key}": value.detach().cpu() for key, value in student.module.state_dict().items()}
     checkpoint = {"state_dict": state, "config": fairchem_config(student, batch_size=batch_size, seed=seed),
                   **student.output_transform.checkpoint_entries(), "amp": None}
-    atomic_save(checkpoint, path)
+    atomic_write(path, lambda handle: torch.save(checkpoint, handle))
