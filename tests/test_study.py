@@ -18,6 +18,7 @@ import yaml
 from kdaug.config import load_config
 from kdaug.data.lmdb import LmdbWriter
 from kdaug.study.config import StudyConfig
+from kdaug.study.convergence import plateaued
 from kdaug.study.plan import plan_runs
 from kdaug.study.runner import run_study
 from kdaug.study.table import gap_closed, markdown_table, table_rows
@@ -65,8 +66,29 @@ def test_table_rows_take_each_seed_against_its_own_baseline():
     # EFwT: (0.1-0.3)/(0.1-0.5) = +50 %, (0.1-0.1)/(0.1-0.5) = 0 %
     assert gap["efwt"]["values"] == pytest.approx([50.0, 0.0])
     table = markdown_table(rows)
-    assert "| n2n | 160.0 ± 14.1 (+31.2 ± 26.5 %) | 22.5 ± 3.5 (+0.0 ± 70.7 %) |" in table
-    assert "| teacher | 100.0 | 10.0 | 0.800 | 0.500 | 50 |" in table
+    assert "| n2n | n/a | 160.0 ± 14.1 (+31.2 ± 26.5 %) | 22.5 ± 3.5 (+0.0 ± 70.7 %) |" in table
+    assert "| teacher | n/a | 100.0 | 10.0 | 0.800 | 0.500 | 50 |" in table
+    assert "*" not in table  # nothing known about convergence: nothing marked
+
+    convergence = {"teacher": {0: {"steps": 400, "plateaued": True}},
+                   "student": {0: {"steps": 300, "plateaued": True}, 1: {"steps": 500, "plateaued": True}},
+                   "n2n": {0: {"steps": 200, "plateaued": True}, 1: {"steps": 600, "plateaued": False}}}
+    rows = table_rows(teacher, {"student": student, "n2n": kd}, "student", convergence)
+    assert [row["plateaued"] for row in rows] == [[True], [True, True], [True, False]]
+    table = markdown_table(rows)
+    assert "| teacher | 400 | 100.0 | 10.0 | 0.800 | 0.500 | 50 |" in table
+    assert "| student | 400 ± 141 | 190.0 ± 14.1 | 25.0 ± 7.1 |" in table
+    assert "| n2n | 400 ± 283 | 160.0 ± 14.1 (+31.2 ± 26.5 %)* | 22.5 ± 3.5 (+0.0 ± 70.7 %)* |" in table
+    assert table.splitlines()[-1].startswith("\\* not plateaued: ")
+
+
+def test_plateau_flag_compares_the_last_fifth_of_validations_with_the_best_before():
+    falling = [100.0, 80.0, 70.0, 65.0, 62.0, 60.0, 59.0, 58.5, 58.0, 57.0]  # tail [58.0, 57.0] vs best 58.5
+    assert plateaued(falling) is False  # 58.5 -> 57.0 is 2.6 %
+    assert plateaued([*falling[:-1], 57.9]) is True  # 58.5 -> 57.9 is 1.0 %
+    assert plateaued([100.0, 90.0, 95.0, 96.0, 97.0]) is True  # the tail [97.0] did not beat 90
+    assert plateaued([100.0, 97.0]) is False and plateaued([100.0, 99.0]) is True  # one value before, one after
+    assert plateaued([100.0]) is None and plateaued([]) is None
 
 
 @pytest.fixture(scope="module")

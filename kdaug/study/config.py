@@ -58,6 +58,14 @@ class Budget:
     energy_reference: Literal["linear", "none"] | None = option(None, help="per-element energy references (kdaug "
                                                                           "train --energy-reference)")
     normalize: bool | None = option(None, help="output normalizers (kdaug train --normalize)")
+    early_stopping: int = option(
+        5, help="stop a run after this many validations without improvement of the monitored metric and keep "
+                "its best weights (kdaug train --early-stopping; every study run stops this way)")
+    monitor: Literal["energy", "forces", "l0"] | None = option(
+        None, help="validation metric for early stopping (kdaug train --monitor; default the force MAE)")
+    schedule: Literal["step", "cosine", "plateau"] | None = option(
+        None, help="learning-rate schedule (kdaug train --schedule)")
+    plateau_patience: int | None = option(None, help="plateau schedule patience (kdaug train --plateau-patience)")
 
     def __post_init__(self) -> None:
         check_values(self, [
@@ -67,6 +75,8 @@ class Budget:
             (self.lr is None or self.lr > 0, "lr", "a positive learning rate"),
             (self.ema_decay is None or 0 <= self.ema_decay < 1, "ema_decay", "a value in [0, 1)"),
             (self.val_every is None or self.val_every > 0, "val_every", "a positive number of steps"),
+            (self.early_stopping > 0, "early_stopping",
+             "a positive number of validations (every study run stops early)"),
         ])
 
 

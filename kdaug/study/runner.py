@@ -36,6 +36,7 @@ from kdaug.perturb.adversarial import AdversarialConfig, run_adversarial
 from kdaug.perturb.rattle import RattleConfig, run_rattle
 from kdaug.resources import resource_path
 from kdaug.study.config import Budget, StudyConfig
+from kdaug.study.convergence import monitored_curve, plateaued
 from kdaug.study.plan import BASELINE, RunSpec, plan_runs, slug
 from kdaug.study.plots import plot_gap_closed, plot_learning_curves
 from kdaug.study.table import markdown_table, table_rows
@@ -200,7 +201,8 @@ class Study:
         model = load_model(None, out / "student.pt", device=self.config.device)
         metrics = {set_name: evaluate(model, [path], batch_size=self.config.eval_batch_size,
                                       device=self.config.device) for set_name, path in val.items()}
-        result = {"name": name, "config": options, "steps": summary["steps"], "train_seconds": seconds,
+        result = {"name": name, "config": options, "steps": summary["steps"], "stopped": summary["stopped"],
+                  "plateaued": plateaued(monitored_curve(out / "log.jsonl")), "train_seconds": seconds,
                   "val": metrics}
         write_json(result_path, result)
         return result
@@ -283,9 +285,15 @@ class Study:
                skipped: list[dict], runs: list[RunSpec]) -> dict:
         """results.json, results.md, gap_closed.png, learning_curves.png; returns the JSON content."""
         config = self.config
+        convergence = {label: {seed: {"steps": r["steps"], "plateaued": r["plateaued"]}
+                               for seed, r in by_seed.items()} for label, by_seed in results.items()}
+        if "plateaued" in teacher_result:  # trained here
+            convergence["teacher"] = {config.teacher_seed: {"steps": teacher_result["steps"],
+                                                            "plateaued": teacher_result["plateaued"]}}
         tables = {name: table_rows(teacher_result["val"][name],
                                    {label: {seed: r["val"][name] for seed, r in by_seed.items()}
-                                    for label, by_seed in results.items()}, BASELINE) for name in val}
+                                    for label, by_seed in results.items()}, BASELINE, convergence)
+                  for name in val}
         report = {"name": config.name, "commit": _commit(), "teacher": config.teacher.model,
                   "student": config.student.model, "seeds": list(config.seeds), "val_sets": val,
                   "tables": tables, "skipped": skipped,
