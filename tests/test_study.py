@@ -244,3 +244,46 @@ def test_made_data_is_made_once_and_refused_when_options_change_or_nothing_was_k
     empty = RattleConfig(input=config.input, out=str(tmp_path / "empty"))
     with pytest.raises(KdaugError, match=r'holds no frames \({"written": 0}\)'):
         study._make("extra.rattle_copies", empty, lambda c, progress: make(c, progress) and {"written": 0})
+
+
+def test_gap_closed_per_regime_against_the_baseline_of_that_regime():
+    def metrics(energy: float, forces: float) -> dict:
+        return {"energy_mae_mev": energy, "force_mae_mev_per_ang": forces, "force_cos": 0.5, "efwt": 0.1,
+                "teacher_energy_mae_mev": energy / 2, "teacher_force_mae_mev_per_ang": forces / 2}
+
+    teacher = {"energy_mae_mev": 100.0, "force_mae_mev_per_ang": 10.0, "force_cos": 0.5, "efwt": 0.1}
+    runs = {"student": {0: metrics(200.0, 30.0)}, "n2n": {0: metrics(150.0, 25.0)},
+            "student f=0.25": {0: metrics(400.0, 50.0)}, "n2n f=0.25": {0: metrics(250.0, 60.0)},
+            "rattle x4 f=0": {0: metrics(300.0, 20.0)}}
+    baselines = {"student": "student", "n2n": "student", "student f=0.25": "student f=0.25",
+                 "n2n f=0.25": "student f=0.25", "rattle x4 f=0": "student"}
+    rows = {row["label"]: row for row in table_rows(teacher, runs, baselines)}
+    assert "gap_closed_pct" not in rows["student"] and "gap_closed_pct" not in rows["student f=0.25"]
+
+    def gap(label: str, key: str) -> float:
+        return rows[label]["gap_closed_pct"][key]["mean"]
+
+    assert gap("n2n", "energy_mae_mev") == pytest.approx(50.0)  # (200-150)/(200-100)
+    assert gap("n2n", "force_mae_mev_per_ang") == pytest.approx(25.0)  # (30-25)/(30-10)
+    assert gap("n2n f=0.25", "energy_mae_mev") == pytest.approx(50.0)  # (400-250)/(400-100)
+    assert gap("n2n f=0.25", "force_mae_mev_per_ang") == pytest.approx(-25.0)  # (50-60)/(50-10)
+    assert gap("rattle x4 f=0", "energy_mae_mev") == pytest.approx(-100.0)  # against the full baseline: (200-300)/100
+    assert gap("rattle x4 f=0", "force_mae_mev_per_ang") == pytest.approx(50.0)  # (30-20)/(30-10)
+    assert rows["n2n f=0.25"]["baseline"] == "student f=0.25"
+    assert rows["n2n"]["metrics"]["teacher_force_mae_mev_per_ang"]["mean"] == pytest.approx(12.5)
+    assert "force MAE vs teacher (meV/A)" in markdown_table(list(rows.values())).splitlines()[0]
+
+
+def test_plan_crosses_the_runs_with_the_data_regimes(study_yaml):
+    config = load_config(StudyConfig, [study_yaml], {"regimes.dft_fraction": (0.0, 1.0, 0.25),
+                                                     "regimes.synthetic_scale": (1.0, 4.0), "seeds": (0,)})
+    runs, _ = plan_runs(config, {"v2v": "no edge features"})
+    assert [(run.label, run.baseline) for run in runs] == [
+        ("student", "student"), ("n2n", "student"), ("rattle a=0.5 x1", "student"), ("rattle a=0.5 x4", "student"),
+        ("student f=0.25", "student f=0.25"), ("n2n f=0.25", "student f=0.25"),
+        ("rattle a=0.5 x1 f=0.25", "student f=0.25"), ("rattle a=0.5 x4 f=0.25", "student f=0.25"),
+        ("rattle x1 f=0", "student"), ("rattle x4 f=0", "student")]
+    pure = runs[-1]
+    assert (pure.dft_fraction, pure.synthetic_scale, pure.mix_ratio, pure.folder) == (
+        0.0, 4.0, None, "runs/rattle_x4_f0/seed0")
+    assert [run.folder for run in runs[:2]] == ["runs/student/seed0", "runs/n2n/seed0"]  # today's layout

@@ -22,6 +22,8 @@ METRICS: tuple[tuple[str, str, str], ...] = (  # (key in evaluate's report, colu
     ("force_cos", "force cos", ".3f"),
     ("efwt", "EFwT", ".3f"),
     ("samples_per_s", "samples/s", ".0f"),
+    ("teacher_energy_mae_mev", "energy MAE vs teacher (meV)", ".1f"),  # against the teacher's labels on the set
+    ("teacher_force_mae_mev_per_ang", "force MAE vs teacher (meV/A)", ".1f"),
 )
 GAP_METRICS: tuple[str, ...] = ("energy_mae_mev", "force_mae_mev_per_ang", "force_cos", "efwt")
 
@@ -42,12 +44,16 @@ def spread(values: Sequence[float | None]) -> dict[str, float | int | list | Non
 
 
 def table_rows(teacher: Mapping[str, float], runs: Mapping[str, Mapping[int, Mapping[str, float]]],
-               baseline: str, convergence: Mapping[str, Mapping[int, Mapping]] | None = None) -> list[dict]:
+               baseline: str | Mapping[str, str],
+               convergence: Mapping[str, Mapping[int, Mapping]] | None = None) -> list[dict]:
     """Rows of one validation set: the teacher, then each label of `runs` ({label: {seed: metrics}}) with its
-    metrics over seeds and, except for the baseline, its gap closed per seed against the baseline of that seed.
+    metrics over seeds and, except for a baseline, its gap closed per seed against the baseline of that seed.
 
-    `convergence`: {label (or "teacher"): {seed: {"steps", "plateaued"}}}, copied into the rows."""
+    `baseline`: the baseline's label, or {label: its baseline's label} (one baseline per data regime; a label
+    that is its own baseline, or missing, gets no gap). `convergence`: {label (or "teacher"): {seed: {"steps",
+    "plateaued"}}}, copied into the rows."""
     convergence = convergence or {}
+    baselines = {label: baseline for label in runs} if isinstance(baseline, str) else baseline
     rows = [{"label": "teacher", "metrics": {key: spread([teacher.get(key)]) for key, _, _ in METRICS},
              **_convergence(convergence.get("teacher", {}))}]
     for label, by_seed in runs.items():
@@ -55,10 +61,12 @@ def table_rows(teacher: Mapping[str, float], runs: Mapping[str, Mapping[int, Map
         row = {"label": label, "seeds": seeds,
                "metrics": {key: spread([by_seed[s].get(key) for s in seeds]) for key, _, _ in METRICS},
                **_convergence({s: c for s, c in convergence.get(label, {}).items() if s in by_seed})}
-        if label != baseline:
+        reference = runs.get(baselines.get(label, label), {})
+        if baselines.get(label, label) != label:
+            row["baseline"] = baselines[label]
             row["gap_closed_pct"] = {
-                key: spread([gap_closed(runs[baseline][s].get(key), by_seed[s].get(key), teacher.get(key))
-                             if s in runs[baseline] else None for s in seeds])
+                key: spread([gap_closed(reference[s].get(key), by_seed[s].get(key), teacher.get(key))
+                             if s in reference else None for s in seeds])
                 for key in GAP_METRICS}
         rows.append(row)
     return rows
