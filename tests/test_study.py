@@ -287,3 +287,33 @@ def test_plan_crosses_the_runs_with_the_data_regimes(study_yaml):
     assert (pure.dft_fraction, pure.synthetic_scale, pure.mix_ratio, pure.folder) == (
         0.0, 4.0, None, "runs/rattle_x4_f0/seed0")
     assert [run.folder for run in runs[:2]] == ["runs/student/seed0", "runs/n2n/seed0"]  # today's layout
+
+
+def test_a_study_over_data_regimes_trains_each_on_its_share_and_scores_against_the_teacher(study_yaml, tmp_path):
+    from kdaug.data.lmdb import FrameDataset
+
+    config = load_config(StudyConfig, [study_yaml], {
+        "out": str(tmp_path / "out"), "seeds": (0,), "strategies": (), "cka.enabled": False,
+        "regimes.dft_fraction": (1.0, 0.5, 0.0), "regimes.synthetic_scale": (1.0,)})
+    report = run_study(config, progress=False)
+    out = Path(config.out)
+    rows = {row["label"]: row for row in report["tables"]["val"]}
+    assert list(rows) == ["teacher", "student", "rattle a=0.5 x1", "student f=0.5", "rattle a=0.5 x1 f=0.5",
+                          "rattle x1 f=0"]
+
+    def run_config(label: str) -> dict:
+        return json.loads((out / "runs" / label / "seed0" / "config.json").read_text())
+
+    half = run_config("student_f0.5")["train"]
+    assert half == [str(out / "data" / "regimes" / "dft-f0.5")] and len(FrameDataset(half[0])) == 4  # of 8 systems
+    scaled = run_config("rattle_a0.5_x1_f0.5")
+    assert scaled["train"] == half and len(FrameDataset(scaled["synthetic"][0])) == 4  # 1 x its 4 DFT frames
+    pure = run_config("rattle_x1_f0")
+    assert pure["synthetic"] == [] and pure["mix_ratio"] is None and len(FrameDataset(pure["train"][0])) == 8
+    assert rows["rattle x1 f=0"]["baseline"] == "student" and rows["rattle a=0.5 x1 f=0.5"]["baseline"] == (
+        "student f=0.5")
+    for label in list(rows)[1:]:
+        faithful = rows[label]["metrics"]["teacher_force_mae_mev_per_ang"]["mean"]
+        assert faithful is not None and faithful > 0
+    assert rows["student"]["steps"]["mean"] == 3 and rows["student"]["plateaued"] == [None]  # validated once
+    assert "force MAE vs teacher" in (out / "results.md").read_text()
