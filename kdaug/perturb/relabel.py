@@ -14,12 +14,14 @@ from kdaug.perturb.common import derived_frame, label
 
 @dataclass(frozen=True, kw_only=True)
 class RelabelConfig:
-    """`input` LMDB, `out` directory (replaced whole), the teacher (name or YAML, checkpoint) and its device."""
+    """`input` LMDB, `out` directory (replaced whole), the teacher (name or YAML, checkpoint, and the checkpoint's
+    sha256 to record which weights labelled the copy) and its device."""
 
     input: str
     out: str
     teacher: str
     checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
     device: str = "cpu"
 
 

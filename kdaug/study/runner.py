@@ -67,16 +67,16 @@ class Study:
         self.started = time.perf_counter()
 
     # -- data ---------------------------------------------------------------------------
-    def _make(self, option: str, config, make) -> str:
+    def _make(self, option: str, config, make, *, moved: frozenset[str] = frozenset()) -> str:
         """Run (or resume) one generator `make(config, progress=)` into `config.out` once: done.json records the
-        options and counts; a folder made with other options, or holding no frames, is a one-line error
-        naming the study `option`."""
+        options and counts; a folder made with other options (outside `moved`: paths that follow a moved study
+        folder), or holding no frames, is a one-line error naming the study `option`."""
         folder = Path(config.out)
         done = folder / "done.json"
         options = to_json(config)
         if done.is_file():
             record = _record(done, ("config", "counts"))
-            differences = option_differences(record["config"], options)
+            differences = option_differences(record["config"], options, moved)
             if differences:
                 raise KdaugError(f"{option}: {folder} was made with other options; delete it to make it anew "
                                  f"({'; '.join(differences)})")
@@ -168,12 +168,14 @@ class Study:
         return (self._make("regimes.synthetic_scale", SubsetConfig(
             inputs=paths, out=str(folder), frames=frames, seed=self.config.regimes.seed), run_subset),)
 
-    def teacher_labelled(self, val: dict[str, str], teacher_ckpt: str) -> dict[str, str]:
-        """{validation set name: a copy labelled by the teacher}, made once: students are also scored against it."""
+    def teacher_labelled(self, val: dict[str, str], teacher_ckpt: str, teacher_sha256: str | None) -> dict[str, str]:
+        """{validation set name: a copy labelled by the teacher}, made once: students are also scored against it.
+        It is the teacher's weights (sha256) that make it, wherever the study folder lies."""
         config = self.config
         return {name: self._make("data.val", RelabelConfig(
             input=path, out=str(self.out / "data" / "teacher-val" / slug(name)), teacher=config.teacher.model,
-            checkpoint=teacher_ckpt, device=config.device), run_relabel) for name, path in val.items()}
+            checkpoint=teacher_ckpt, checkpoint_sha256=teacher_sha256, device=config.device), run_relabel,
+            moved=frozenset({"input", "out", "checkpoint"})) for name, path in val.items()}
 
     def _bulks_like(self, train: Sequence[str]) -> str:
         """A bulk database of the embedded bulks made only of the training set's elements (the teacher has
@@ -302,7 +304,7 @@ class Study:
         runs, skipped = plan_runs(config, _unsupported_modes(student, teacher))
         for note in skipped:
             logger.warning("strategy %s skipped: %s", note["strategy"], note["reason"])
-        teacher_val = self.teacher_labelled(val, teacher_ckpt)
+        teacher_val = self.teacher_labelled(val, teacher_ckpt, teacher.checkpoint_sha256)
         results: dict[str, dict[int, dict]] = {}
         synthetic: dict[str, tuple[str, ...]] = {}
         for spec in runs:
