@@ -352,8 +352,8 @@ class Study:
         lines = [f"# {config.name}: teacher {config.teacher.model}, student {config.student.model}",
                  "", f"Seeds {', '.join(map(str, config.seeds))}: mean ± sample std over seeds; in brackets the "
                  "share of the teacher-student gap closed, 100 (student - run) / (student - teacher) %, per seed "
-                 "against the baseline student of that seed and regime (positive: towards the teacher, for every metric). "
-                 "steps: optimizer steps the runs took (they stop early); the last two columns score the runs "
+                 "against the baseline student of that seed and regime (positive: towards the teacher, for every "
+                 "metric). steps: optimizer steps the runs took (they stop early); the last two columns score the runs "
                  "against the teacher's labels on the held-out set.",
                  f"Commit {report['commit'] or 'unknown'}; this invocation took {report['wall_seconds'] / 60:.1f} min "
                  f"(device {config.device})."]
