@@ -18,6 +18,7 @@ import yaml
 from kdaug.config import load_config
 from kdaug.data.lmdb import LmdbWriter
 from kdaug.study.config import StudyConfig
+from kdaug.study.convergence import plateaued
 from kdaug.study.plan import plan_runs
 from kdaug.study.runner import run_study
 from kdaug.study.table import gap_closed, markdown_table, table_rows
@@ -65,8 +66,29 @@ def test_table_rows_take_each_seed_against_its_own_baseline():
     # EFwT: (0.1-0.3)/(0.1-0.5) = +50 %, (0.1-0.1)/(0.1-0.5) = 0 %
     assert gap["efwt"]["values"] == pytest.approx([50.0, 0.0])
     table = markdown_table(rows)
-    assert "| n2n | 160.0 ± 14.1 (+31.2 ± 26.5 %) | 22.5 ± 3.5 (+0.0 ± 70.7 %) |" in table
-    assert "| teacher | 100.0 | 10.0 | 0.800 | 0.500 | 50 |" in table
+    assert "| n2n | n/a | 160.0 ± 14.1 (+31.2 ± 26.5 %) | 22.5 ± 3.5 (+0.0 ± 70.7 %) |" in table
+    assert "| teacher | n/a | 100.0 | 10.0 | 0.800 | 0.500 | 50 |" in table
+    assert "*" not in table  # nothing known about convergence: nothing marked
+
+    convergence = {"teacher": {0: {"steps": 400, "plateaued": True}},
+                   "student": {0: {"steps": 300, "plateaued": True}, 1: {"steps": 500, "plateaued": True}},
+                   "n2n": {0: {"steps": 200, "plateaued": True}, 1: {"steps": 600, "plateaued": False}}}
+    rows = table_rows(teacher, {"student": student, "n2n": kd}, "student", convergence)
+    assert [row["plateaued"] for row in rows] == [[True], [True, True], [True, False]]
+    table = markdown_table(rows)
+    assert "| teacher | 400 | 100.0 | 10.0 | 0.800 | 0.500 | 50 |" in table
+    assert "| student | 400 ± 141 | 190.0 ± 14.1 | 25.0 ± 7.1 |" in table
+    assert "| n2n | 400 ± 283 | 160.0 ± 14.1 (+31.2 ± 26.5 %)* | 22.5 ± 3.5 (+0.0 ± 70.7 %)* |" in table
+    assert table.splitlines()[-1].startswith("\\* not plateaued: ")
+
+
+def test_plateau_flag_compares_the_last_fifth_of_validations_with_the_best_before():
+    falling = [100.0, 80.0, 70.0, 65.0, 62.0, 60.0, 59.0, 58.5, 58.0, 57.0]  # tail [58.0, 57.0] vs best 58.5
+    assert plateaued(falling) is False  # 58.5 -> 57.0 is 2.6 %
+    assert plateaued([*falling[:-1], 57.9]) is True  # 58.5 -> 57.9 is 1.0 %
+    assert plateaued([100.0, 90.0, 95.0, 96.0, 97.0]) is True  # the tail [97.0] did not beat 90
+    assert plateaued([100.0, 97.0]) is False and plateaued([100.0, 99.0]) is True  # one value before, one after
+    assert plateaued([100.0]) is None and plateaued([]) is None
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +244,76 @@ def test_made_data_is_made_once_and_refused_when_options_change_or_nothing_was_k
     empty = RattleConfig(input=config.input, out=str(tmp_path / "empty"))
     with pytest.raises(KdaugError, match=r'holds no frames \({"written": 0}\)'):
         study._make("extra.rattle_copies", empty, lambda c, progress: make(c, progress) and {"written": 0})
+
+
+def test_gap_closed_per_regime_against_the_baseline_of_that_regime():
+    def metrics(energy: float, forces: float) -> dict:
+        return {"energy_mae_mev": energy, "force_mae_mev_per_ang": forces, "force_cos": 0.5, "efwt": 0.1,
+                "teacher_energy_mae_mev": energy / 2, "teacher_force_mae_mev_per_ang": forces / 2}
+
+    teacher = {"energy_mae_mev": 100.0, "force_mae_mev_per_ang": 10.0, "force_cos": 0.5, "efwt": 0.1}
+    runs = {"student": {0: metrics(200.0, 30.0)}, "n2n": {0: metrics(150.0, 25.0)},
+            "student f=0.25": {0: metrics(400.0, 50.0)}, "n2n f=0.25": {0: metrics(250.0, 60.0)},
+            "rattle x4 f=0": {0: metrics(300.0, 20.0)}}
+    baselines = {"student": "student", "n2n": "student", "student f=0.25": "student f=0.25",
+                 "n2n f=0.25": "student f=0.25", "rattle x4 f=0": "student"}
+    rows = {row["label"]: row for row in table_rows(teacher, runs, baselines)}
+    assert "gap_closed_pct" not in rows["student"] and "gap_closed_pct" not in rows["student f=0.25"]
+
+    def gap(label: str, key: str) -> float:
+        return rows[label]["gap_closed_pct"][key]["mean"]
+
+    assert gap("n2n", "energy_mae_mev") == pytest.approx(50.0)  # (200-150)/(200-100)
+    assert gap("n2n", "force_mae_mev_per_ang") == pytest.approx(25.0)  # (30-25)/(30-10)
+    assert gap("n2n f=0.25", "energy_mae_mev") == pytest.approx(50.0)  # (400-250)/(400-100)
+    assert gap("n2n f=0.25", "force_mae_mev_per_ang") == pytest.approx(-25.0)  # (50-60)/(50-10)
+    assert gap("rattle x4 f=0", "energy_mae_mev") == pytest.approx(-100.0)  # against the full baseline: (200-300)/100
+    assert gap("rattle x4 f=0", "force_mae_mev_per_ang") == pytest.approx(50.0)  # (30-20)/(30-10)
+    assert rows["n2n f=0.25"]["baseline"] == "student f=0.25"
+    assert rows["n2n"]["metrics"]["teacher_force_mae_mev_per_ang"]["mean"] == pytest.approx(12.5)
+    assert "force MAE vs teacher (meV/A)" in markdown_table(list(rows.values())).splitlines()[0]
+
+
+def test_plan_crosses_the_runs_with_the_data_regimes(study_yaml):
+    config = load_config(StudyConfig, [study_yaml], {"regimes.dft_fraction": (0.0, 1.0, 0.25),
+                                                     "regimes.synthetic_scale": (1.0, 4.0), "seeds": (0,)})
+    runs, _ = plan_runs(config, {"v2v": "no edge features"})
+    assert [(run.label, run.baseline) for run in runs] == [
+        ("student", "student"), ("n2n", "student"), ("rattle a=0.5 x1", "student"), ("rattle a=0.5 x4", "student"),
+        ("student f=0.25", "student f=0.25"), ("n2n f=0.25", "student f=0.25"),
+        ("rattle a=0.5 x1 f=0.25", "student f=0.25"), ("rattle a=0.5 x4 f=0.25", "student f=0.25"),
+        ("rattle x1 f=0", "student"), ("rattle x4 f=0", "student")]
+    pure = runs[-1]
+    assert (pure.dft_fraction, pure.synthetic_scale, pure.mix_ratio, pure.folder) == (
+        0.0, 4.0, None, "runs/rattle_x4_f0/seed0")
+    assert [run.folder for run in runs[:2]] == ["runs/student/seed0", "runs/n2n/seed0"]  # today's layout
+
+
+def test_a_study_over_data_regimes_trains_each_on_its_share_and_scores_against_the_teacher(study_yaml, tmp_path):
+    from kdaug.data.lmdb import FrameDataset
+
+    config = load_config(StudyConfig, [study_yaml], {
+        "out": str(tmp_path / "out"), "seeds": (0,), "strategies": (), "cka.enabled": False,
+        "regimes.dft_fraction": (1.0, 0.5, 0.0), "regimes.synthetic_scale": (1.0,)})
+    report = run_study(config, progress=False)
+    out = Path(config.out)
+    rows = {row["label"]: row for row in report["tables"]["val"]}
+    assert list(rows) == ["teacher", "student", "rattle a=0.5 x1", "student f=0.5", "rattle a=0.5 x1 f=0.5",
+                          "rattle x1 f=0"]
+
+    def run_config(label: str) -> dict:
+        return json.loads((out / "runs" / label / "seed0" / "config.json").read_text())
+
+    half = run_config("student_f0.5")["train"]
+    assert half == [str(out / "data" / "regimes" / "dft-f0.5")] and len(FrameDataset(half[0])) == 4  # of 8 systems
+    scaled = run_config("rattle_a0.5_x1_f0.5")
+    assert scaled["train"] == half and len(FrameDataset(scaled["synthetic"][0])) == 4  # 1 x its 4 DFT frames
+    pure = run_config("rattle_x1_f0")
+    assert pure["synthetic"] == [] and pure["mix_ratio"] is None and len(FrameDataset(pure["train"][0])) == 8
+    assert rows["rattle x1 f=0"]["baseline"] == "student" and rows["rattle a=0.5 x1 f=0.5"]["baseline"] == (
+        "student f=0.5")
+    for label in list(rows)[1:]:
+        faithful = rows[label]["metrics"]["teacher_force_mae_mev_per_ang"]["mean"]
+        assert faithful is not None and faithful > 0
+    assert rows["student"]["steps"]["mean"] == 3 and rows["student"]["plateaued"] == [None]  # validated once
+    assert "force MAE vs teacher" in (out / "results.md").read_text()

@@ -2,13 +2,18 @@
 
 From a `StudyConfig` (configs/studies/*.yml): train (or load) the teacher, train the baseline student
 and a student per KD strategy, per kind of extra data made with the trained teacher and per online
-augmentation, each over several seeds, evaluate all on the same held-out sets and tabulate.
+augmentation, each over several seeds and data regimes (`regimes`: the share of the ground-truth systems the
+students see, the synthetic frames per ground-truth frame), evaluate all on the same held-out sets and against
+the teacher's labels on them, and tabulate. Every run stops early (`train.early_stopping`); the table gives its
+steps and marks results of runs whose validation had not plateaued.
 
 Study folder (`out`)::
 
     out/
       data/dft-train, dft-val     the generated ground truth (when data.generate asks for it)
       data/generate, rattle/...   synthetic data made with the trained teacher
+      data/regimes/               the students' share of the ground truth and the scaled synthetic subsets
+      data/teacher-val/<set>/     each held-out set labelled by the teacher (student-vs-teacher MAE)
       teacher/                    the teacher's kdaug train run (+ result.json)
       runs/<label>/seed<k>/       each student run: checkpoint.pt, student.pt, log.jsonl, curves.png,
                                   result.json (written last: the run is finished)

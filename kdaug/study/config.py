@@ -58,6 +58,14 @@ class Budget:
     energy_reference: Literal["linear", "none"] | None = option(None, help="per-element energy references (kdaug "
                                                                           "train --energy-reference)")
     normalize: bool | None = option(None, help="output normalizers (kdaug train --normalize)")
+    early_stopping: int = option(
+        5, help="stop a run after this many validations without improvement of the monitored metric and keep "
+                "its best weights (kdaug train --early-stopping; every study run stops this way)")
+    monitor: Literal["energy", "forces", "l0"] | None = option(
+        None, help="validation metric for early stopping (kdaug train --monitor; default the force MAE)")
+    schedule: Literal["step", "cosine", "plateau"] | None = option(
+        None, help="learning-rate schedule (kdaug train --schedule)")
+    plateau_patience: int | None = option(None, help="plateau schedule patience (kdaug train --plateau-patience)")
 
     def __post_init__(self) -> None:
         check_values(self, [
@@ -67,6 +75,8 @@ class Budget:
             (self.lr is None or self.lr > 0, "lr", "a positive learning rate"),
             (self.ema_decay is None or 0 <= self.ema_decay < 1, "ema_decay", "a value in [0, 1)"),
             (self.val_every is None or self.val_every > 0, "val_every", "a positive number of steps"),
+            (self.early_stopping > 0, "early_stopping",
+             "a positive number of validations (every study run stops early)"),
         ])
 
 
@@ -127,6 +137,35 @@ class OnlineSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class Regimes:
+    """Data regimes of the students (the teacher always trains on all the ground truth): each dft_fraction is one
+    regime of every run; each synthetic_scale one more run per synthetic-data run."""
+
+    dft_fraction: tuple[float, ...] = option(
+        (1.0,), help="shares of the ground-truth training systems (by system id) the students see; 0: students on "
+                     "teacher-labelled synthetic data only (mix ratio 1; baseline and KD-on-ground-truth runs "
+                     "then have no data and are left out)")
+    synthetic_scale: tuple[float, ...] = option(
+        (), help="synthetic frames as multiples of the student's ground-truth frames (at dft_fraction 0: of the "
+                 "whole training set's), subsampled (or all, when fewer were made); empty: every synthetic frame")
+    seed: int = option(0, help="seed of the system split and of the synthetic subsample")
+
+    def __post_init__(self) -> None:
+        check_values(self, [
+            (bool(self.dft_fraction) and all(0 <= f <= 1 for f in self.dft_fraction)
+             and len(set(self.dft_fraction)) == len(self.dft_fraction), "dft_fraction", "distinct shares in [0, 1]"),
+            (max(self.dft_fraction) > 0, "dft_fraction", "a share above 0 among them (the baseline's regime)"),
+            (all(s > 0 for s in self.synthetic_scale) and len(set(self.synthetic_scale)) == len(self.synthetic_scale),
+             "synthetic_scale", "distinct positive multiples"),
+        ])
+
+    @property
+    def largest(self) -> float:
+        """The regime with the most ground truth: its baseline is the reference of dft_fraction 0."""
+        return max(self.dft_fraction)
+
+
+@dataclass(frozen=True, kw_only=True)
 class CkaSection:
     """Teacher-student CKA maps of every student run against the teacher."""
 
@@ -149,6 +188,7 @@ class StudyConfig:
     kd_lambda: KdLambdas = option(default_factory=KdLambdas, help="KD loss weight per mode")
     extra: ExtraData = option(default_factory=ExtraData, help="synthetic data from the trained teacher")
     online: OnlineSection = option(default_factory=OnlineSection, help="online augmentation")
+    regimes: Regimes = option(default_factory=Regimes, help="data regimes: ground-truth share, synthetic scale")
     cka: CkaSection = option(default_factory=CkaSection, help="CKA similarity")
     seeds: tuple[int, ...] = option((0,), help="student seeds; the table shows mean and spread over them")
     teacher_seed: int = option(0, help="seed of the teacher's training")

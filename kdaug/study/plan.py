@@ -1,4 +1,9 @@
-"""The student runs a study config asks for: baseline, KD strategies, extra data and online augmentation."""
+"""The student runs a study config asks for: baseline, KD strategies, extra data and online augmentation, in each
+data regime (dft_fraction; labels beyond the whole ground truth carry " f=<share>", and synthetic subsamples
+" x<scale>").
+
+At dft_fraction 0 the students train on synthetic data alone: only the synthetic-data runs exist there, and
+they are compared with the baseline of the largest share."""
 
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ class RunSpec:
     online_rattle: float | None = None
     online_adversarial: int | None = None
     online_share: float = 0.25
+    dft_fraction: float = 1.0  # share of the ground-truth training systems the run sees (0: synthetic data only)
+    synthetic_scale: float | None = None  # synthetic frames per ground-truth frame (None: all that were made)
+    baseline: str = "student"  # label of the baseline run this one is compared with
 
     @property
     def folder(self) -> str:
@@ -31,7 +39,7 @@ class RunSpec:
 
     @property
     def is_baseline(self) -> bool:
-        return self.label == BASELINE
+        return self.label == self.baseline
 
 
 BASELINE = "student"
@@ -56,28 +64,54 @@ def plan_runs(config: StudyConfig, unsupported: dict[str, str]) -> tuple[list[Ru
             skipped.append({"strategy": mode, "reason": unsupported[mode]})
         return False
 
-    labels: list[dict] = [{"label": BASELINE}]
-    labels += [{"label": mode, "kd": mode} for mode in config.strategies if mode != "none" and supported(mode)]
+    labels: list[dict] = []
+    for fraction in sorted(config.regimes.dft_fraction, reverse=True):  # the largest share's baseline first
+        suffix = regime_suffix(fraction)
+        baseline = BASELINE + regime_suffix(fraction or config.regimes.largest)
+        labels += [{**fields, "label": fields["label"] + suffix, "dft_fraction": fraction, "baseline": baseline}
+                   for fields in _arms(config, supported, fraction)]
+    runs = [RunSpec(seed=seed, **fields) for fields in labels for seed in config.seeds]
+    return runs, skipped
+
+
+def regime_suffix(fraction: float) -> str:
+    return "" if fraction == 1 else f" f={fraction:g}"
+
+
+def _arms(config: StudyConfig, supported, fraction: float) -> list[dict]:
+    """The runs of one regime (labels without the regime suffix)."""
     extra = config.extra
     sources = [name for name, on in zip(SOURCES, (extra.generate_systems, extra.rattle_copies,
                                                   extra.adversarial_steps)) if on]
+    scales = config.regimes.synthetic_scale or (None,)
+    if fraction == 0:  # synthetic data alone: no ground truth to mix with, weigh or distil on
+        return [{"label": source + _scale_suffix(scale) + _kd_suffix(mode), "kd": mode, "source": source,
+                 "synthetic_scale": scale}
+                for source in sources for scale in scales for mode in extra.kd if supported(mode)]
+    arms: list[dict] = [{"label": BASELINE}]
+    arms += [{"label": mode, "kd": mode} for mode in config.strategies if mode != "none" and supported(mode)]
     for source in sources:
         for alpha in extra.mix_ratios:
             for r in extra.rs_dft:
-                for mode in extra.kd:
-                    if supported(mode):
-                        label = f"{source} a={alpha:g}" + (f" r={r:g}" if r != 1 else "") + _kd_suffix(mode)
-                        labels.append({"label": label, "kd": mode, "source": source, "mix_ratio": alpha,
-                                       "rs_dft": r})
+                for scale in scales:
+                    for mode in extra.kd:
+                        if supported(mode):
+                            label = (f"{source} a={alpha:g}" + (f" r={r:g}" if r != 1 else "") + _scale_suffix(scale)
+                                     + _kd_suffix(mode))
+                            arms.append({"label": label, "kd": mode, "source": source, "mix_ratio": alpha,
+                                         "rs_dft": r, "synthetic_scale": scale})
     online = config.online
     for kind, values in (("rattle", online.rattle), ("adversarial", online.adversarial)):
         for value in values:
             for mode in online.kd:
                 if supported(mode):
-                    labels.append({"label": f"online {kind} {value:g}" + _kd_suffix(mode), "kd": mode,
-                                   f"online_{kind}": value, "online_share": online.share})
-    runs = [RunSpec(seed=seed, **fields) for fields in labels for seed in config.seeds]
-    return runs, skipped
+                    arms.append({"label": f"online {kind} {value:g}" + _kd_suffix(mode), "kd": mode,
+                                 f"online_{kind}": value, "online_share": online.share})
+    return arms
+
+
+def _scale_suffix(scale: float | None) -> str:
+    return "" if scale is None else f" x{scale:g}"
 
 
 def _kd_suffix(mode: str) -> str:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from kdaug.study.convergence import val_records
 from kdaug.study.table import GAP_METRICS, METRICS
 
 _COLUMNS = {key: column for key, column, _ in METRICS}
@@ -49,20 +49,6 @@ def plot_gap_closed(tables: Mapping[str, Sequence[Mapping]], png: Path, *, title
     plt.close(fig)
 
 
-def _val_records(log: Path) -> list[dict]:
-    if not log.is_file():
-        return []
-    records = []
-    for line in log.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if "val" in record:
-            records.append(record)
-    return records
-
-
 def plot_learning_curves(run_logs: Mapping[str, Sequence[Path]], teacher_log: Path | None, png: Path, *,
                          title: str) -> None:
     """Validation energy and force MAE against step: one colour per run label, one line per seed, the
@@ -73,11 +59,11 @@ def plot_learning_curves(run_logs: Mapping[str, Sequence[Path]], teacher_log: Pa
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for n, (label, logs) in enumerate(run_logs.items()):
         for s, log in enumerate(logs):
-            records = _val_records(log)
+            records = val_records(log)
             for ax, key in zip(axes, keys):
                 ax.plot([r["step"] for r in records], [r["val"][key] for r in records], color=colours[n % len(colours)],
                         alpha=0.8, linewidth=1.2, label=label if s == 0 else None)
-    teacher = _val_records(teacher_log) if teacher_log is not None else []
+    teacher = val_records(teacher_log) if teacher_log is not None else []
     for ax, key in zip(axes, keys):
         if teacher:
             ax.axhline(teacher[-1]["val"][key], color="black", linestyle="--", label="teacher")

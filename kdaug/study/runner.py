@@ -27,6 +27,8 @@ from kdaug.data.run_record import (
     to_json,
     write_json,
 )
+from kdaug.data.lmdb import FrameDataset
+from kdaug.data.subset import SubsetConfig, run_subset
 from kdaug.data.training_set import TrainingSet
 from kdaug.errors import KdaugError
 from kdaug.evaluate import evaluate
@@ -34,9 +36,11 @@ from kdaug.generate import GenerateConfig, run_generate
 from kdaug.models import load_model
 from kdaug.perturb.adversarial import AdversarialConfig, run_adversarial
 from kdaug.perturb.rattle import RattleConfig, run_rattle
+from kdaug.perturb.relabel import RelabelConfig, run_relabel
 from kdaug.resources import resource_path
 from kdaug.study.config import Budget, StudyConfig
-from kdaug.study.plan import BASELINE, RunSpec, plan_runs, slug
+from kdaug.study.convergence import monitored_curve, plateaued
+from kdaug.study.plan import BASELINE, RunSpec, plan_runs, regime_suffix, slug
 from kdaug.study.plots import plot_gap_closed, plot_learning_curves
 from kdaug.study.table import markdown_table, table_rows
 from kdaug.train import kd
@@ -63,16 +67,16 @@ class Study:
         self.started = time.perf_counter()
 
     # -- data ---------------------------------------------------------------------------
-    def _make(self, option: str, config, make) -> str:
+    def _make(self, option: str, config, make, *, moved: frozenset[str] = frozenset()) -> str:
         """Run (or resume) one generator `make(config, progress=)` into `config.out` once: done.json records the
-        options and counts; a folder made with other options, or holding no frames, is a one-line error
-        naming the study `option`."""
+        options and counts; a folder made with other options (outside `moved`: paths that follow a moved study
+        folder), or holding no frames, is a one-line error naming the study `option`."""
         folder = Path(config.out)
         done = folder / "done.json"
         options = to_json(config)
         if done.is_file():
             record = _record(done, ("config", "counts"))
-            differences = option_differences(record["config"], options)
+            differences = option_differences(record["config"], options, moved)
             if differences:
                 raise KdaugError(f"{option}: {folder} was made with other options; delete it to make it anew "
                                  f"({'; '.join(differences)})")
@@ -134,11 +138,44 @@ class Study:
                     input=path, out=part, sigma=extra.rattle_sigma, copies=extra.rattle_copies, **teacher),
                     run_rattle))
             else:
-                baseline = self.out / RunSpec(BASELINE, config.seeds[0]).folder / "student.pt"
+                largest = BASELINE + regime_suffix(config.regimes.largest)
+                baseline = self.out / RunSpec(largest, config.seeds[0]).folder / "student.pt"
                 paths.append(self._make("extra.adversarial_steps", AdversarialConfig(
                     input=path, out=part, student=str(baseline), steps=extra.adversarial_steps,
                     alpha=extra.adversarial_alpha, **teacher), run_adversarial))
         return tuple(paths)
+
+    def student_train(self, train: Sequence[str], fraction: float, val: dict[str, str]) -> tuple[str, ...]:
+        """The ground truth of the regime `fraction` (0 < fraction <= 1): that share of the training systems, drawn
+        with regimes.seed, never a system of a validation set that is also a training input."""
+        if fraction == 1:
+            return tuple(train)
+        held_out = tuple((path, frame.sid) for path in val.values() if path in train
+                         for frame in FrameDataset(path).iter_frames())
+        folder = self.out / "data" / "regimes" / f"dft-f{fraction:g}"
+        return (self._make("regimes.dft_fraction", SubsetConfig(
+            inputs=tuple(train), out=str(folder), system_fraction=fraction, held_out=held_out,
+            seed=self.config.regimes.seed), run_subset),)
+
+    def scaled_synthetic(self, source: str, paths: tuple[str, ...], scale: float | None, fraction: float,
+                         dft: Sequence[str]) -> tuple[str, ...]:
+        """`scale` x the frames of `dft` (the regime's ground truth, or the whole training set at fraction 0) drawn
+        from the synthetic set `paths` with regimes.seed (all of it when it holds fewer; scale None: all)."""
+        if scale is None:
+            return paths
+        frames = round(scale * sum(len(FrameDataset(path)) for path in dft))
+        folder = self.out / "data" / "regimes" / f"{source}-f{fraction:g}-x{scale:g}"
+        return (self._make("regimes.synthetic_scale", SubsetConfig(
+            inputs=paths, out=str(folder), frames=frames, seed=self.config.regimes.seed), run_subset),)
+
+    def teacher_labelled(self, val: dict[str, str], teacher_ckpt: str, teacher_sha256: str | None) -> dict[str, str]:
+        """{validation set name: a copy labelled by the teacher}, made once: students are also scored against it.
+        It is the teacher's weights (sha256) that make it, wherever the study folder lies."""
+        config = self.config
+        return {name: self._make("data.val", RelabelConfig(
+            input=path, out=str(self.out / "data" / "teacher-val" / slug(name)), teacher=config.teacher.model,
+            checkpoint=teacher_ckpt, checkpoint_sha256=teacher_sha256, device=config.device), run_relabel,
+            moved=frozenset({"input", "out", "checkpoint"})) for name, path in val.items()}
 
     def _bulks_like(self, train: Sequence[str]) -> str:
         """A bulk database of the embedded bulks made only of the training set's elements (the teacher has
@@ -182,9 +219,11 @@ class Study:
             options["epochs"] = None
         return load_config(TrainConfig, [budget.recipe] if budget.recipe else [], {**options, **changes})
 
-    def train_and_evaluate(self, name: str, config: TrainConfig, val: dict[str, str]) -> dict:
-        """Train (resuming a killed run) and evaluate on every validation set, unless `result.json` already
-        holds this configuration's result."""
+    def train_and_evaluate(self, name: str, config: TrainConfig, val: dict[str, str],
+                           teacher_val: dict[str, str] | None = None) -> dict:
+        """Train (resuming a killed run) and evaluate on every validation set (and against the teacher's labels
+        on it, `teacher_val`: teacher_energy_mae_mev, teacher_force_mae_mev_per_ang), unless `result.json`
+        already holds this configuration's result."""
         out = Path(config.out)
         result_path = out / RESULT
         options = to_json(config)
@@ -200,7 +239,12 @@ class Study:
         model = load_model(None, out / "student.pt", device=self.config.device)
         metrics = {set_name: evaluate(model, [path], batch_size=self.config.eval_batch_size,
                                       device=self.config.device) for set_name, path in val.items()}
-        result = {"name": name, "config": options, "steps": summary["steps"], "train_seconds": seconds,
+        for set_name, path in (teacher_val or {}).items():
+            copy = evaluate(model, [path], batch_size=self.config.eval_batch_size, device=self.config.device)
+            metrics[set_name].update(teacher_energy_mae_mev=copy["energy_mae_mev"],
+                                     teacher_force_mae_mev_per_ang=copy["force_mae_mev_per_ang"])
+        result = {"name": name, "config": options, "steps": summary["steps"], "stopped": summary["stopped"],
+                  "plateaued": plateaued(monitored_curve(out / "log.jsonl")), "train_seconds": seconds,
                   "val": metrics}
         write_json(result_path, result)
         return result
@@ -260,18 +304,23 @@ class Study:
         runs, skipped = plan_runs(config, _unsupported_modes(student, teacher))
         for note in skipped:
             logger.warning("strategy %s skipped: %s", note["strategy"], note["reason"])
+        teacher_val = self.teacher_labelled(val, teacher_ckpt, teacher.checkpoint_sha256)
         results: dict[str, dict[int, dict]] = {}
         synthetic: dict[str, tuple[str, ...]] = {}
         for spec in runs:
             changes = self.kd_changes(spec, teacher_ckpt)
+            dft = self.student_train(train, spec.dft_fraction, val) if spec.dft_fraction else ()
             if spec.source is not None:
                 if spec.source not in synthetic:
                     synthetic[spec.source] = self.synthetic(spec.source, train, teacher_ckpt)
-                changes["synthetic"] = synthetic[spec.source]
+                changes["synthetic"] = self.scaled_synthetic(spec.source, synthetic[spec.source],
+                                                             spec.synthetic_scale, spec.dft_fraction, dft or train)
+            if not dft:  # dft_fraction 0: the synthetic data is all the run trains on
+                dft = changes.pop("synthetic")
             train_config = self.train_config(config.student.model, config.student.train, self.out / spec.folder,
-                                             spec.seed, train, first_val, **changes)
+                                             spec.seed, dft, first_val, **changes)
             results.setdefault(spec.label, {})[spec.seed] = self.train_and_evaluate(
-                f"{spec.label} seed {spec.seed}", train_config, val)
+                f"{spec.label} seed {spec.seed}", train_config, val, teacher_val)
         report = self.report(val, teacher_result, results, skipped, runs)
         if config.cka.enabled:
             report["cka"] = self.cka(teacher, runs, first_val)
@@ -283,9 +332,16 @@ class Study:
                skipped: list[dict], runs: list[RunSpec]) -> dict:
         """results.json, results.md, gap_closed.png, learning_curves.png; returns the JSON content."""
         config = self.config
+        convergence = {label: {seed: {"steps": r["steps"], "plateaued": r["plateaued"]}
+                               for seed, r in by_seed.items()} for label, by_seed in results.items()}
+        if "plateaued" in teacher_result:  # trained here
+            convergence["teacher"] = {config.teacher_seed: {"steps": teacher_result["steps"],
+                                                            "plateaued": teacher_result["plateaued"]}}
         tables = {name: table_rows(teacher_result["val"][name],
                                    {label: {seed: r["val"][name] for seed, r in by_seed.items()}
-                                    for label, by_seed in results.items()}, BASELINE) for name in val}
+                                    for label, by_seed in results.items()},
+                                   {spec.label: spec.baseline for spec in runs}, convergence)
+                  for name in val}
         report = {"name": config.name, "commit": _commit(), "teacher": config.teacher.model,
                   "student": config.student.model, "seeds": list(config.seeds), "val_sets": val,
                   "tables": tables, "skipped": skipped,
@@ -296,7 +352,9 @@ class Study:
         lines = [f"# {config.name}: teacher {config.teacher.model}, student {config.student.model}",
                  "", f"Seeds {', '.join(map(str, config.seeds))}: mean ± sample std over seeds; in brackets the "
                  "share of the teacher-student gap closed, 100 (student - run) / (student - teacher) %, per seed "
-                 "against the baseline student of that seed (positive: towards the teacher, for every metric).",
+                 "against the baseline student of that seed and regime (positive: towards the teacher, for every "
+                 "metric). steps: optimizer steps the runs took (they stop early); the last two columns score the runs "
+                 "against the teacher's labels on the held-out set.",
                  f"Commit {report['commit'] or 'unknown'}; this invocation took {report['wall_seconds'] / 60:.1f} min "
                  f"(device {config.device})."]
         for name, rows in tables.items():
@@ -314,8 +372,9 @@ class Study:
         return report
 
     def cka(self, teacher, runs: list[RunSpec], data: str) -> dict:
-        """Teacher-vs-student CKA per run (cka.json in its folder), the baseline's mean map and each label's
-        mean gain over the baseline of the same seed (cka/<label>.png, distilled layer pair outlined)."""
+        """Teacher-vs-student CKA per run (cka.json in its folder), the (largest regime's) baseline's mean map and
+        each label's mean gain over its regime's baseline of the same seed (cka/<label>.png, distilled layer pair
+        outlined)."""
         config = self.config
         folder = self.out / "cka"
         folder.mkdir(exist_ok=True)
@@ -332,15 +391,17 @@ class Study:
             maps.setdefault(spec.label, {})[spec.seed] = cka_map(teacher_features, features)
             marks[spec.label] = _distilled_pair(spec.kd, teacher, student)
         teacher_layers = list(teacher_features)
-        baseline = np.mean(list(maps[BASELINE].values()), axis=0)
-        plot_cka(baseline, teacher_layers, student_layers, folder / f"{slug(BASELINE)}.png",
+        baselines = {spec.label: spec.baseline for spec in runs}
+        main = BASELINE + regime_suffix(config.regimes.largest)
+        baseline = np.mean(list(maps[main].values()), axis=0)
+        plot_cka(baseline, teacher_layers, student_layers, folder / f"{slug(main)}.png",
                  title=f"CKA teacher vs baseline student ({n_frames} frames)")
         summary = {"data": data, "n_frames": n_frames, "teacher_layers": teacher_layers,
                    "student_layers": student_layers, "baseline": baseline.round(6).tolist(), "gain": {}}
         for label, by_seed in maps.items():
-            if label == BASELINE:
+            if baselines[label] == label:
                 continue
-            gain = np.mean([m - maps[BASELINE][s] for s, m in by_seed.items()], axis=0)
+            gain = np.mean([m - maps[baselines[label]][s] for s, m in by_seed.items()], axis=0)
             summary["gain"][label] = {"gain": gain.round(6).tolist(), "distilled_pair": marks[label]}
             plot_cka(gain, teacher_layers, student_layers, folder / f"{slug(label)}.png", diverging=True,
                      mark=marks[label], title=f"CKA gain of {label} over the baseline student")

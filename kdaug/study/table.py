@@ -6,6 +6,9 @@ student of the same seed. One formula for every metric: positive means the run m
 (an MAE fell, a cosine or EFwT rose when the teacher's is higher), negative away from it, 100 % reached it.
 The paper's signs follow it: for PaiNN-big -> PaiNN-small, n2n's force cos 0.345 -> 0.348 (teacher 0.376)
 is +9.3 % and vanilla KD (1)'s fall to 0.269 is -237 %.
+
+Each row also gives the optimizer steps its runs took (they stop early) and marks its metric cells with a
+trailing `*` when a run of it had not plateaued (`kdaug.study.convergence`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ METRICS: tuple[tuple[str, str, str], ...] = (  # (key in evaluate's report, colu
     ("force_cos", "force cos", ".3f"),
     ("efwt", "EFwT", ".3f"),
     ("samples_per_s", "samples/s", ".0f"),
+    ("teacher_energy_mae_mev", "energy MAE vs teacher (meV)", ".1f"),  # against the teacher's labels on the set
+    ("teacher_force_mae_mev_per_ang", "force MAE vs teacher (meV/A)", ".1f"),
 )
 GAP_METRICS: tuple[str, ...] = ("energy_mae_mev", "force_mae_mev_per_ang", "force_cos", "efwt")
 
@@ -39,21 +44,46 @@ def spread(values: Sequence[float | None]) -> dict[str, float | int | list | Non
 
 
 def table_rows(teacher: Mapping[str, float], runs: Mapping[str, Mapping[int, Mapping[str, float]]],
-               baseline: str) -> list[dict]:
+               baseline: str | Mapping[str, str],
+               convergence: Mapping[str, Mapping[int, Mapping]] | None = None) -> list[dict]:
     """Rows of one validation set: the teacher, then each label of `runs` ({label: {seed: metrics}}) with its
-    metrics over seeds and, except for the baseline, its gap closed per seed against the baseline of that seed."""
-    rows = [{"label": "teacher", "metrics": {key: spread([teacher.get(key)]) for key, _, _ in METRICS}}]
+    metrics over seeds and, except for a baseline, its gap closed per seed against the baseline of that seed.
+
+    `baseline`: the baseline's label, or {label: its baseline's label} (one baseline per data regime; a label
+    that is its own baseline, or missing, gets no gap). `convergence`: {label (or "teacher"): {seed: {"steps",
+    "plateaued"}}}, copied into the rows."""
+    convergence = convergence or {}
+    baselines = {label: baseline for label in runs} if isinstance(baseline, str) else baseline
+    rows = [{"label": "teacher", "metrics": {key: spread([teacher.get(key)]) for key, _, _ in METRICS},
+             **_convergence(convergence.get("teacher", {}))}]
     for label, by_seed in runs.items():
         seeds = sorted(by_seed)
         row = {"label": label, "seeds": seeds,
-               "metrics": {key: spread([by_seed[s].get(key) for s in seeds]) for key, _, _ in METRICS}}
-        if label != baseline:
+               "metrics": {key: spread([by_seed[s].get(key) for s in seeds]) for key, _, _ in METRICS},
+               **_convergence({s: c for s, c in convergence.get(label, {}).items() if s in by_seed})}
+        reference = runs.get(baselines.get(label, label), {})
+        if baselines.get(label, label) != label:
+            row["baseline"] = baselines[label]
             row["gap_closed_pct"] = {
-                key: spread([gap_closed(runs[baseline][s].get(key), by_seed[s].get(key), teacher.get(key))
-                             if s in runs[baseline] else None for s in seeds])
+                key: spread([gap_closed(reference[s].get(key), by_seed[s].get(key), teacher.get(key))
+                             if s in reference else None for s in seeds])
                 for key in GAP_METRICS}
         rows.append(row)
     return rows
+
+
+def _convergence(by_seed: Mapping[int, Mapping]) -> dict:
+    """{"steps": spread of the steps taken, "plateaued": [per seed: True, False or None (too few validations)]}."""
+    if not by_seed:
+        return {}
+    seeds = sorted(by_seed)
+    return {"steps": spread([by_seed[s]["steps"] for s in seeds]), "plateaued": [by_seed[s]["plateaued"]
+                                                                              for s in seeds]}
+
+
+def not_plateaued(row: Mapping) -> bool:
+    """A row with a run whose validation had not plateaued (or had too few validations to tell)."""
+    return any(flag is not True for flag in row.get("plateaued", []))
 
 
 def _cell(stats: Mapping, spec: str, suffix: str = "") -> str:
@@ -66,16 +96,21 @@ def _cell(stats: Mapping, spec: str, suffix: str = "") -> str:
 
 
 def markdown_table(rows: Sequence[Mapping]) -> str:
-    """A Markdown table: one column per metric, "mean ± std (gap closed mean ± std %)" per cell."""
-    header = "| run | " + " | ".join(column for _, column, _ in METRICS) + " |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 1)]
+    """A Markdown table: the steps column, then one column per metric, "mean ± std (gap closed mean ± std %)" per
+    cell, a trailing `*` on the cells of a row with a run that had not plateaued, and then its footnote."""
+    header = "| run | steps | " + " | ".join(column for _, column, _ in METRICS) + " |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 2)]
     for row in rows:
-        cells = []
+        mark = "*" if not_plateaued(row) else ""
+        cells = [_cell(row["steps"], ".0f") if "steps" in row else "n/a"]
         for key, _, spec in METRICS:
             cell = _cell(row["metrics"][key], spec)
             gap = row.get("gap_closed_pct", {}).get(key)
             if gap is not None:
                 cell += f" ({_cell(gap, '+.1f', ' %')})"
-            cells.append(cell)
+            cells.append(cell + mark)
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    if any(not_plateaued(row) for row in rows):
+        lines += ["", "\\* not plateaued: in a run of this row the last 20 % of validations still improved the "
+                  "monitored metric by 2 % or more (or it validated fewer than twice); its result is not final."]
     return "\n".join(lines)

@@ -12,9 +12,11 @@ from typing import Literal
 from kdaug.config import check_values, option
 
 # Options that may change when a run is resumed: they do not change what the run computes (out: a run folder
-# may be moved).
+# may be moved), or, like max_steps, only how long it trains: early_stopping (the best value, its weights and the
+# validations since it are tracked whether or not it is set, so a larger patience continues a stopped run and a
+# smaller one stops it at its next validation). monitor and schedule may not change.
 RESUMABLE_CHANGES = frozenset({"out", "device", "num_workers", "epochs", "max_steps", "checkpoint_every",
-                               "log_every", "val_every", "val", "eval_batch_size", "restart"})
+                               "log_every", "val_every", "val", "eval_batch_size", "restart", "early_stopping"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,8 +58,18 @@ class TrainConfig:
     lr: float = option(5e-4, help="initial learning rate")
     weight_decay: float = option(0.0, help="AdamW weight decay")
     amsgrad: bool = option(True, help="AdamW with AMSGrad")
-    schedule: Literal["step", "cosine"] = option(
-        "step", help="learning-rate schedule after warmup: step (x lr_gamma at milestones) or cosine")
+    schedule: Literal["step", "cosine", "plateau"] = option(
+        "step", help="learning-rate schedule after warmup: step (x lr_gamma at milestones), cosine (to the step "
+                     "cap) or plateau (x lr_gamma after --plateau-patience validations without improvement of "
+                     "--monitor; needs --val)")
+    plateau_patience: int = option(2, help="plateau schedule: validations without improvement before the "
+                                           "learning rate is multiplied by lr_gamma")
+    early_stopping: int | None = option(
+        None, help="stop after this many validations in a row without improvement of --monitor (below 0.1 % "
+                   "under the best) and export the best validation's EMA weights; needs --val")
+    monitor: Literal["energy", "forces", "l0"] = option(
+        "forces", help="validation metric for --early-stopping and the plateau schedule: energy MAE, force MAE "
+                       "or l0 (alpha_E energy MAE + alpha_F force MAE)")
     warmup_steps: int = option(0, help="linear warmup from warmup_factor x lr", unit="steps")
     warmup_factor: float = option(0.2, help="learning-rate factor at step 0 of the warmup")
     lr_milestones: tuple[int, ...] = option(
@@ -101,6 +113,11 @@ class TrainConfig:
             (self.checkpoint_every > 0, "checkpoint_every", "a positive number of steps"),
             (self.log_every > 0, "log_every", "a positive number of steps"),
             (self.val_every is None or self.val_every > 0, "val_every", "a positive number of steps"),
+            (self.early_stopping is None or self.early_stopping > 0, "early_stopping",
+             "a positive number of validations"),
+            (self.early_stopping is None or bool(self.val), "early_stopping", "--val data to monitor"),
+            (self.schedule != "plateau" or bool(self.val), "schedule", "--val data to monitor for plateau"),
+            (self.plateau_patience > 0, "plateau_patience", "a positive number of validations"),
             (self.num_workers >= 0, "num_workers", "0 (load in this process) or more worker processes"),
             (self.device.split(":")[0] in ("cpu", "cuda"), "device", "cpu or cuda"),
         ])

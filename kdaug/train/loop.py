@@ -14,8 +14,10 @@ Run directory (`--out`)::
       config.json        the run's record: resolved options, fingerprints of --train/--synthetic, sha256 of the
                          teacher and student-init checkpoints (a resume must agree outside RESUMABLE_CHANGES)
       checkpoint.pt      resumable state, replaced whole every --checkpoint-every steps and at the end
-      student.pt         the exported student (EMA weights), a fairchem v1 checkpoint
-      log.jsonl          one line per --log-every steps ({"step", "loss", ...}) and per validation
+      student.pt         the exported student (EMA weights; with --early-stopping those of the best validation),
+                         a fairchem v1 checkpoint
+      log.jsonl          one line per --log-every steps ({"step", "loss", ...}), per validation ({"step", "val",
+                         "monitor"}) and one at the end ({"stopped": {"step", "reason", "best_step", "best"}})
       curves.png         learning curves, written at the end
       visits.rankR.npy   how often rank R drew each training sample (DFT first, then synthetic),
                          written at the end (checkpoint.pt holds them for resuming)
@@ -48,6 +50,7 @@ from kdaug.train import kd
 from kdaug.train.checkpoint import export_student
 from kdaug.train.config import TrainConfig
 from kdaug.train.distributed import Distributed
+from kdaug.train.early_stopping import Plateau, ValidationMonitor
 from kdaug.train.losses import LossWeights, energy_force_loss
 from kdaug.train.mixing import MixedBatchSampler, batch_weights
 from kdaug.train.online import OnlineAugmenter
@@ -100,7 +103,9 @@ class Trainer:
         self.dist.broadcast(self.parameters)
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay,
                                            amsgrad=config.amsgrad)
-        self.scheduler = build_scheduler(self.optimizer, total_steps=self.total_steps,
+        self.monitor = ValidationMonitor(config.monitor, self.loss_weights, plateau=Plateau(
+            patience=config.plateau_patience, gamma=config.lr_gamma) if config.schedule == "plateau" else None)
+        self.scheduler = build_scheduler(self.optimizer, plateau=self.monitor.plateau, total_steps=self.total_steps,
                                          warmup_steps=config.warmup_steps, warmup_factor=config.warmup_factor,
                                          schedule=config.schedule, milestones=config.lr_milestones,
                                          gamma=config.lr_gamma)
@@ -204,7 +209,7 @@ class Trainer:
         return {"student": self.student.state_dict(), "head": self.head.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "ema": self.ema.state_dict() if self.ema else None, "step": self.step, "epoch": self.epoch,
-                "batch_in_epoch": self.batch_in_epoch, "config": self.record,
+                "batch_in_epoch": self.batch_in_epoch, "config": self.record, "monitor": self.monitor.state_dict(),
                 "visits": self.dist.gather(torch.from_numpy(self.visits)).numpy(),
                 "log_records": self.folder.log_records}
 
@@ -216,6 +221,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.monitor.load_state_dict(state["monitor"])
         if len(state["visits"]) == self.dist.world_size:  # counts per rank of this world size
             self.visits = state["visits"][self.dist.rank].copy()
 
@@ -272,7 +278,7 @@ class Trainer:
 
     def _train(self, bar: tqdm) -> None:
         config = self.config
-        while self.step < self.total_steps:
+        while self.step < self.total_steps and not self.stopped_early:
             epoch_batches = self.sampler.epoch_batches(self.epoch)
             batches = epoch_batches[self.batch_in_epoch:]
             loader = torch.utils.data.DataLoader(self.data, batch_sampler=batches, collate_fn=collate,
@@ -294,7 +300,7 @@ class Trainer:
                     self.validate()
                 if self.step % config.checkpoint_every == 0:
                     self.save()
-                if self.step >= self.total_steps:
+                if self.step >= self.total_steps or self.stopped_early:
                     break
             if self.batch_in_epoch == len(epoch_batches):  # an epoch ended (also on the run's last step)
                 self.epoch += 1
@@ -302,15 +308,40 @@ class Trainer:
                 if not config.val_every and self.step < self.total_steps:  # finish() validates the last
                     self.validate()
 
+    @property
+    def stopped_early(self) -> bool:
+        return self.monitor.exhausted(self.config.early_stopping)
+
     def validate(self) -> dict | None:
-        """Metrics of the EMA weights on --val (rank 0; logged), None without --val."""
-        if not self.config.val or not self.dist.is_main:
+        """Metrics of the EMA weights on --val (rank 0; logged with the monitored metric, which a repeated
+        validation of the same step does not count again), None without --val (and on the other ranks, which
+        receive the monitor's patience count and learning-rate reduction)."""
+        if not self.config.val:
             return None
-        with self.ema_weights():
-            metrics = evaluate(self.student, self.config.val, batch_size=self.config.eval_batch_size,
-                               device=self.device)
-        self._log({"step": self.step, "epoch": self.epoch, "val": metrics})
+        metrics = None
+        if self.dist.is_main:
+            record = {"step": self.step, "epoch": self.epoch}
+            with self.ema_weights():
+                metrics = evaluate(self.student, self.config.val, batch_size=self.config.eval_batch_size,
+                                   device=self.device)
+                if self.monitor.last_step != self.step:
+                    record["monitor"] = self.monitor.update(self.step, metrics, self.student.state_dict(),
+                                                            in_warmup=self.step <= self.config.warmup_steps)
+            self._log({**record, "val": metrics})
+        self._share_monitor()
         return metrics
+
+    def _share_monitor(self) -> None:
+        """Every rank stops and reduces the learning rate with rank 0."""
+        if self.dist.world_size == 1:
+            return
+        plateau = self.monitor.plateau
+        shared = torch.tensor([self.monitor.bad, plateau.reduction if plateau else 1.0], dtype=torch.float64,
+                              device=self.device)
+        self.dist.broadcast([shared])
+        self.monitor.bad = int(shared[0])
+        if plateau is not None:
+            plateau.reduction = float(shared[1])
 
     def save(self) -> None:
         state = self._state()  # a collective call: every rank takes part
@@ -319,15 +350,21 @@ class Trainer:
         self.dist.barrier()
 
     def finish(self) -> dict:
-        """Export the EMA student, validate, plot; the summary of the run."""
-        summary = {"steps": self.step, "epochs": self.epoch, "out": str(self.out)}
+        """Validate, log why the run stopped, export the EMA student (with --early-stopping: the best
+        validation's), plot; the summary of the run ("val": the exported weights' metrics)."""
+        metrics = self.validate()
+        monitor = self.monitor
+        stopped = {"step": self.step, "reason": "early_stopping" if self.step < self.total_steps else "max_steps",
+                   "best_step": monitor.best_step, "best": monitor.best}
+        summary = {"steps": self.step, "epochs": self.epoch, "out": str(self.out), "stopped": stopped}
         if self.dist.is_main:
-            with self.ema_weights():
+            self._log({"stopped": stopped})
+            best = self.config.early_stopping is not None and monitor.best_weights is not None
+            with _BestWeights(self.student, monitor.best_weights) if best else self.ema_weights():
                 export_student(self.student, self.out / "student.pt", batch_size=self.config.batch_size,
                                seed=self.config.seed)
-            metrics = self.validate()
             if metrics is not None:
-                summary["val"] = metrics
+                summary["val"] = monitor.best_metrics if best else metrics
             plot_curves(self.out / "log.jsonl", self.out / "curves.png")
         visits = self.out / f"visits.rank{self.dist.rank}.npy"
         try:
@@ -365,6 +402,20 @@ class _EmaWeights:
     def __exit__(self, *exc: object) -> None:
         if self.ema is not None:
             self.ema.restore()
+
+
+class _BestWeights:
+    """Context: the student holds the best validation's (EMA) weights inside, its training weights again after."""
+
+    def __init__(self, student: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        self.student, self.weights = student, weights
+
+    def __enter__(self) -> None:
+        self.saved = {key: tensor.detach().clone() for key, tensor in self.student.state_dict().items()}
+        self.student.load_state_dict(self.weights)
+
+    def __exit__(self, *exc: object) -> None:
+        self.student.load_state_dict(self.saved)
 
 
 def _ema(student: torch.nn.Module, decay: float):

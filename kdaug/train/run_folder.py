@@ -37,7 +37,7 @@ from kdaug.train.config import RESUMABLE_CHANGES, TrainConfig
 CHECKPOINT, CONFIG, LOG = "checkpoint.pt", "config.json", "log.jsonl"
 OUTPUTS = ("student.pt", "curves.png")  # written at the end; --restart removes them with the run state
 CHECKPOINT_KEYS = ("student", "head", "optimizer", "scheduler", "ema", "step", "epoch", "batch_in_epoch", "config",
-                   "visits", "log_records")
+                   "visits", "log_records", "monitor")
 
 
 def check_inputs(config: TrainConfig) -> None:
