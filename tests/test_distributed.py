@@ -15,6 +15,7 @@ from kdaug.data.batch import batch_from_frames
 from kdaug.data.lmdb import LmdbWriter
 from kdaug.models import load_model
 from kdaug.train.config import TrainConfig
+from kdaug.train.distributed import Distributed
 from kdaug.train.kd import KDHead, build_kd_head, required_taps
 from kdaug.train.loop import Trainer
 from kdaug.train.student_head import StudentWithHead, unused_parameters
@@ -114,9 +115,44 @@ def test_every_trainable_parameter_gets_a_gradient_so_ddp_needs_no_unused_search
     assert unused_parameters(StudentWithHead(student, head), batch, required_taps(mode)[1]) == []
 
 
-def test_a_parameter_no_loss_reaches_is_found():
-    batch = batch_from_frames(emt_frames(1))
+def _spare_model() -> StudentWithHead:
+    """painn-tiny with a parameter nothing reads, and an n2n head."""
+    torch.manual_seed(0)
     student = load_model("painn-tiny").train()
     student.register_parameter("spare", torch.nn.Parameter(torch.zeros(3)))
-    head = KDHead("n2n", 16, 4)
-    assert unused_parameters(StudentWithHead(student, head), batch, ("node",)) == ["student.spare"]
+    return StudentWithHead(student, KDHead("n2n", 16, 4))
+
+
+def _gradients(model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:
+    """Two backward passes of energy, forces and mapped features; the gradients of the second."""
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        output, mapped = model(batch, taps=("node",))
+        (output.energy.sum() + output.forces.square().sum() + mapped.sum()).backward()
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    return {name: param.grad.clone() for name, param in inner.named_parameters() if param.grad is not None}
+
+
+def _spare_rank(rank: int, world_size: int, store: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", store=dist.FileStore(store, world_size), rank=rank, world_size=world_size)
+    try:
+        model = _spare_model()
+        batch = batch_from_frames(emt_frames(2)[rank : rank + 1])
+        unused = unused_parameters(model, batch, ("node",))
+        ddp = Distributed(rank, world_size, torch.device("cpu")).wrap(model, find_unused_parameters=bool(unused))
+        torch.save(_gradients(ddp, batch), Path(out) / f"grads.rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_parameter_no_loss_reaches_is_found_and_ddp_then_averages_the_others(tmp_path):
+    model = _spare_model()
+    frames = emt_frames(2)
+    assert unused_parameters(model, batch_from_frames(frames[:1]), ("node",)) == ["student.spare"]
+    mp.spawn(_spare_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    rank0, rank1 = (torch.load(tmp_path / f"grads.rank{r}.pt") for r in (0, 1))
+    alone = [_gradients(_spare_model(), batch_from_frames(frames[r : r + 1])) for r in (0, 1)]
+    assert "student.spare" not in rank0 and set(rank0) == set(alone[0])
+    _assert_tensors(rank0, rank1)
+    _assert_tensors(rank0, {name: (alone[0][name] + alone[1][name]) / 2 for name in rank0}, rtol=1e-5, atol=1e-7)
