@@ -98,7 +98,7 @@ def test_two_ranks_end_identical_and_equal_to_one_process_on_the_doubled_batch(d
     finally:
         single.close()
     for part in ("student", "head", "ema"):
-        _assert_tensors(rank0[part], reference[part], rtol=1e-4, atol=1e-6)
+        _assert_tensors(rank0[part], reference[part], rtol=1e-5, atol=1e-6)  # seen: <= 6e-8 (float32)
     checkpoint = torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=False)
     _assert_tensors(rank0["student"], checkpoint["student"])  # unwrapped: no "module." prefix
     assert set(checkpoint["student"]) == set(rank0["student"]) == set(reference["student"])
