@@ -60,7 +60,7 @@ def test_each_mode_trains_a_student_and_its_kd_loss_falls(models, two_frames, mo
     for _ in range(6):
         optimizer.zero_grad()
         output = student(batch, taps=required_taps(mode)[1])
-        loss = kd_loss(mode, head, output, targets, batch, weights)
+        loss = kd_loss(mode, head(output), output, targets, batch, weights)
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -148,11 +148,11 @@ def test_feature_loss_weights_each_atom_by_its_system():
         per_atom_mse = (head.projection(student_node) - target).square().mean(dim=1)
         per_atom_mae = (head.projection(student_node) - target).abs().mean(dim=1)
     atom_weights = weights[batch.batch]
-    torch.testing.assert_close(kd_loss("n2n", head, output, targets, batch, weights),
+    torch.testing.assert_close(kd_loss("n2n", head(output), output, targets, batch, weights),
                                (atom_weights * per_atom_mse).mean())
-    torch.testing.assert_close(kd_loss("n2n", head, output, targets, batch, weights, loss="mae"),
+    torch.testing.assert_close(kd_loss("n2n", head(output), output, targets, batch, weights, loss="mae"),
                                (atom_weights * per_atom_mae).mean())
-    torch.testing.assert_close(kd_loss("n2n", head, output, targets, batch, None), per_atom_mse.mean())
+    torch.testing.assert_close(kd_loss("n2n", head(output), output, targets, batch, None), per_atom_mse.mean())
 
 
 def test_vanilla2_is_the_absolute_error_of_atom_energies():
@@ -161,7 +161,7 @@ def test_vanilla2_is_the_absolute_error_of_atom_energies():
     student, teacher = torch.linspace(-1, 1, n), torch.linspace(1, -2, n)
     output = ModelOutput(torch.zeros(1), torch.zeros(n, 3), {"atom_energy": student})
     targets = teacher_targets("vanilla2", ModelOutput(torch.zeros(1), torch.zeros(n, 3), {"atom_energy": teacher}), n)
-    torch.testing.assert_close(kd_loss("vanilla2", KDHead("vanilla2"), output, targets, batch, None),
+    torch.testing.assert_close(kd_loss("vanilla2", KDHead("vanilla2")(output), output, targets, batch, None),
                                (student - teacher).abs().mean())
 
 

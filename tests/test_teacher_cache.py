@@ -77,8 +77,8 @@ def test_cached_and_live_targets_give_the_same_loss(setup, mode, capsys):
     head = build_kd_head(mode, student, cache, batch)
     output = student(batch, taps=required_taps(mode)[1])
     weights = torch.tensor([1.5, 0.75, 0.75])
-    live_loss = kd_loss(mode, head, output, live, batch, weights)
-    cached_loss = kd_loss(mode, head, output, cached, batch, weights)
+    live_loss = kd_loss(mode, head(output), output, live, batch, weights)
+    cached_loss = kd_loss(mode, head(output), output, cached, batch, weights)
     assert live_loss > 0
     torch.testing.assert_close(cached_loss, live_loss, rtol=2e-3, atol=1e-5)
 

@@ -1,18 +1,20 @@
-"""Data-parallel training under torchrun: process group, parameter broadcast, gradient averaging.
+"""Data-parallel training under torchrun: process group, DistributedDataParallel, collectives.
 
-The student is not wrapped in DistributedDataParallel: its KD taps hook into the fairchem
-module's own submodules, which DDP would hide. Gradients are averaged with one all-reduce per
-parameter after backward instead; the sampler gives every rank the same number of batches.
+`Distributed.wrap` puts the trained module (`kdaug.train.student_head.StudentWithHead`) under
+torch's DistributedDataParallel: parameters and buffers are broadcast from rank 0 when it is built,
+buffers again before every forward, and gradients are averaged in buckets, overlapped with the
+backward pass. The KD taps are forward hooks the student sets during its call, so a DDP forward reaches
+them. The sampler gives every rank the same number of batches, so every rank runs the same steps.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from kdaug.errors import KdaugError
 
@@ -46,20 +48,14 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def broadcast(self, parameters: Sequence[torch.Tensor]) -> None:
-        """Every rank starts from rank 0's weights."""
-        if self.world_size > 1:
-            for tensor in parameters:
-                dist.broadcast(tensor.data, src=0)
-
-    def average_gradients(self, parameters: Sequence[torch.Tensor]) -> None:
+    def wrap(self, module: nn.Module, *, find_unused_parameters: bool) -> nn.Module:
+        """`module` under DistributedDataParallel (whose `.module` it is), or `module` itself in one
+        process. find_unused_parameters: True when some trainable parameter gets no gradient."""
         if self.world_size == 1:
-            return
-        for param in parameters:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad)
-            param.grad /= self.world_size
+            return module
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids,
+                                                   find_unused_parameters=find_unused_parameters)
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """(world_size, ...) stack of every rank's `tensor` (same shape on all ranks)."""

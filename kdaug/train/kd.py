@@ -196,7 +196,7 @@ def build_kd_head(mode: str, student: AtomisticModel, teacher: AtomisticModel | 
 
 def kd_loss(
     mode: str,
-    head: KDHead,
+    mapped: torch.Tensor | None,
     student_output: ModelOutput,
     targets: TeacherTargets,
     batch: Batch,
@@ -208,6 +208,8 @@ def kd_loss(
     """L_KD of `mode` for one batch (a scalar; 0 for "none").
 
     Args:
+        mapped: the `KDHead`'s output on `student_output` (M_s of the student's features; None for
+            none/vanilla1).
         student_output: the student's forward with `required_taps(mode)[1]`.
         targets: from `teacher_targets` / `TeacherCache.targets` for the same batch.
         batch: the model input (batch (N,) system index, fixed (N,)).
@@ -227,7 +229,7 @@ def kd_loss(
                                      targets.forces.to(energy.dtype), batch.batch, batch.fixed == 0,
                                      system_weights, l0_weights)
         return total
-    prediction = head(student_output)
+    prediction = mapped
     target = targets.features.to(device=prediction.device, dtype=prediction.dtype)
     if prediction.shape != target.shape:
         msg = (f"--kd {mode}: student features {tuple(prediction.shape)} do not match teacher targets "

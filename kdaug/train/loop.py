@@ -26,8 +26,9 @@ Run directory (`--out`)::
 Inputs are checked before anything is written, damaged run state is one line, and a failed write (full
 disk) keeps the last good checkpoint (`kdaug.train.run_folder`).
 
-Under torchrun every rank trains on its own disjoint part of each epoch and gradients are
-averaged across ranks; rank 0 writes the files.
+Under torchrun every rank trains on its own disjoint part of each epoch; the student and its KD head train
+as one module under DistributedDataParallel (`kdaug.train.distributed`), checkpoints and the export hold
+the unwrapped weights; rank 0 validates and writes the files.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from kdaug.train.online import OnlineAugmenter
 from kdaug.train.report import plot_curves
 from kdaug.train.run_folder import RunFolder, check_inputs
 from kdaug.train.schedule import build_scheduler
+from kdaug.train.student_head import StudentWithHead, unused_parameters
 from kdaug.train.target_stats import fit_output_transform
 from kdaug.train.teacher_cache import TeacherCache
 
@@ -100,7 +102,6 @@ class Trainer:
         self.loss_weights = LossWeights(config.energy_coefficient, config.force_coefficient)
         self.online = OnlineAugmenter.from_config(config, self.student, self.teacher)
         self.parameters = [*self.student.parameters(), *self.head.parameters()]
-        self.dist.broadcast(self.parameters)
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay,
                                            amsgrad=config.amsgrad)
         self.monitor = ValidationMonitor(config.monitor, self.loss_weights, plateau=Plateau(
@@ -113,6 +114,7 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = 0
         self.visits = np.zeros(len(self.data), dtype=np.int32)
         self._resume_or_start()
+        self.model = self._engine()  # after resume: DDP starts every rank from rank 0's state
 
     # -- setup --------------------------------------------------------------------------
     def _teacher_source(self) -> tuple[torch.nn.Module | None, TeacherCache | None]:
@@ -134,9 +136,20 @@ class Trainer:
 
     def _kd_head(self) -> torch.nn.Module:
         if self.config.kd == "none":
-            return torch.nn.Module()
+            return kd.KDHead("none")
         sample = collate([self.data[i] for i in range(min(2, len(self.data)))]).to(self.device)
         return kd.build_kd_head(self.config.kd, self.student, self.cache or self.teacher, sample)
+
+    def _engine(self) -> torch.nn.Module:
+        """Student and head in one module, under DDP with more than one rank."""
+        model = StudentWithHead(self.student, self.head)
+        if self.dist.world_size == 1:
+            return model
+        sample = collate([self.data[i] for i in range(min(2, len(self.data)))]).to(self.device)
+        unused = unused_parameters(model, sample, kd.required_taps(self.config.kd)[1])
+        if unused:
+            logger.info("parameters without a gradient (DDP finds them each step): %s", ", ".join(unused))
+        return self.dist.wrap(model, find_unused_parameters=bool(unused))
 
     def _kd_lambda(self) -> float:
         config = self.config
@@ -241,7 +254,7 @@ class Trainer:
             targets = self._targets(batch)
         weights = batch_weights(batch.synthetic, self.config.rs_dft)
         _, student_taps = kd.required_taps(self.config.kd)
-        output = self.student(batch, taps=student_taps)
+        output, mapped = self.model(batch, taps=student_taps)
         free = ~batch.fixed.bool()
         l0, parts = energy_force_loss(output.energy, output.forces, batch.y.to(output.energy.dtype),
                                       batch.force.to(output.forces.dtype), batch.batch, free, weights,
@@ -249,12 +262,11 @@ class Trainer:
         loss = l0
         kd_value = torch.zeros(())
         if self.config.kd != "none":
-            kd_value = kd.kd_loss(self.config.kd, self.head, output, targets, batch, weights,
+            kd_value = kd.kd_loss(self.config.kd, mapped, output, targets, batch, weights,
                                   loss=self.config.kd_loss, l0_weights=self.loss_weights)
             loss = l0 + self.kd_lambda * kd_value
         self.optimizer.zero_grad(set_to_none=False)
-        loss.backward()
-        self.dist.average_gradients(self.parameters)
+        loss.backward()  # under DDP: gradients averaged over the ranks, in buckets during the backward
         if self.config.clip_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.parameters, self.config.clip_grad_norm)
         self.optimizer.step()
