@@ -2,6 +2,8 @@
 
 On-policy generation (`--driver`): the relaxations follow another model's forces (e.g. a student.pt of
 `kdaug train`), and the teacher labels each kept frame (one teacher evaluation per kept frame, batched).
+Convergence and the trajectory's anomaly checks then see the driver's forces; the teacher's labels are
+checked too (non-finite or exploded: the system is dropped).
 
 Output tree (one writer per shard; `data` when unsharded):
 
