@@ -146,6 +146,9 @@ def cli(*args):
 def test_cli_runs_and_bad_input_is_one_line(source, student, tmp_path):
     code, out, _ = cli(str(source), "--student", student, "--keep", "2", "--out", str(tmp_path / "ok"))
     assert code == 0 and json.loads(out)["kept"] == 2 and len(read(tmp_path / "ok")) == 2
+    damaged = tmp_path / "damaged.lmdb"
+    raw = (source / "data.0000.lmdb").read_bytes()
+    damaged.write_bytes(raw[: len(raw) - 3 * 4096])
     bad = {
         "missing-student": ([str(source), "--student", str(tmp_path / "none.pt"), "--keep", "2"],
                             "--student .*none.pt: no such checkpoint file"),
@@ -158,6 +161,7 @@ def test_cli_runs_and_bad_input_is_one_line(source, student, tmp_path):
         "unknown-by": ([str(source), "--by", "loss", "--keep", "2"], "--by loss: expected one of disagreement"),
         "missing-input": ([str(tmp_path / "none"), "--by", "random", "--keep", "2"], "no such file"),
         "into-input": ([str(source), "--by", "random", "--keep", "2", "--out", str(source / "sub")], "must not be"),
+        "damaged-input": ([str(damaged), "--by", "random", "--keep", "2"], "damaged.lmdb: truncated or damaged"),
     }
     for key, (args, expected) in bad.items():
         if "--out" not in args:
