@@ -1,5 +1,10 @@
 """`run_generate`: sample systems, relax them with the teacher in batches, keep ~10 % of frames.
 
+On-policy generation (`--driver`): the relaxations follow another model's forces (e.g. a student.pt of
+`kdaug train`), and the teacher labels each kept frame (one teacher evaluation per kept frame, batched).
+Convergence and the trajectory's anomaly checks then see the driver's forces; the teacher's labels are
+checked too (non-finite or exploded: the system is dropped).
+
 Output tree (one writer per shard; `data` when unsharded):
 
     out/
@@ -35,7 +40,8 @@ from kdaug.config import check_values, option, shard_from_environment
 from kdaug.data.lmdb import LmdbWriter
 from kdaug.data.run_record import sha256_of
 from kdaug.errors import KdaugError
-from kdaug.models import AtomisticModel, load_teacher
+from kdaug.models import AtomisticModel, load_named_model, load_teacher
+from kdaug.perturb.common import label
 from kdaug.relax.optimizers import OPTIMIZERS
 from kdaug.relax.runner import BatchedRelaxer, ReadyTasks, RelaxResult, RelaxTask
 from kdaug.sampling.oc import DEFAULT_BULK_DB, PLACEMENT_MODES, SamplerConfig, SystemSampler, iter_systems
@@ -63,6 +69,10 @@ class GenerateConfig:
     teacher: str = option("chgnet", help="chgnet, emt, ase:module:Class, or a model config (e.g. gemnet-oc) "
                                          "with --checkpoint")
     checkpoint: str | None = option(None, help="teacher checkpoint (fairchem OC20 format)")
+    driver: str | None = option(
+        None, help="on-policy generation: relax with this model's forces (a checkpoint such as the student.pt of "
+                   "kdaug train, or chgnet, emt, ase:module:Class) and label the kept frames with the teacher "
+                   "(default: the teacher drives)")
     device: str = option("cpu", help="cpu or cuda")
     precision: str = option("fp32", help="float32 matmuls: fp32 (full) or tf32 (CUDA only; faster, ~1e-3 relative)")
     graph_workers: int = option(0, help="processes building CHGNet's graphs in parallel (CHGNet teacher only)")
@@ -78,7 +88,7 @@ class GenerateConfig:
     max_steps: int = option(200, help="optimizer steps per system at most")
     frame_fraction: float = option(0.1, help="probability of keeping each relaxation frame")
     max_systems_per_batch: int | None = option(
-        None, help="systems per teacher forward at most (default: 1 on CPU, 32 on CUDA)")
+        None, help="systems per forward (of the teacher or the driver) at most (default: 1 on CPU, 32 on CUDA)")
     max_atoms_per_batch: int | None = option(None, help="atoms per teacher forward at most (default: no limit)")
     num_workers: int = option(2, help="sampling processes running ahead of the relaxer (0: in-process)")
     num_shards: int | None = option(None, help="split system ids over this many shards "
@@ -144,19 +154,52 @@ def anomaly(result: RelaxResult) -> str | None:
     return None
 
 
-def result_counts(result: RelaxResult, reason: str | None, n_frames: int) -> dict[str, int]:
-    """What one finished system adds to the tally (the manifest's counters and the returned summary): teacher
-    evaluations included; zero counts left out."""
-    evaluations = len(result.energies)
+def evaluation_keys(driven: bool) -> tuple[str, ...]:
+    """The tally's model-evaluation counters: the teacher's ("evaluations"), or, with a driver, the driver's
+    (relaxation steps) and the teacher's (labels of kept frames) apart."""
+    return ("driver_evaluations", "teacher_evaluations") if driven else ("evaluations",)
+
+
+def result_counts(result: RelaxResult, reason: str | None, n_frames: int, labelled: int | None = None,
+                  ) -> dict[str, int]:
+    """What one finished system adds to the tally (the manifest's counters and the returned summary): model
+    evaluations included (`labelled`: the teacher's labels of a driven relaxation, None without a driver);
+    zero counts left out."""
+    evaluations = {"evaluations": len(result.energies)} if labelled is None else {
+        "driver_evaluations": len(result.energies), "teacher_evaluations": labelled}
     if reason:
-        return {"systems": 1, "evaluations": evaluations, "dropped": 1, f"dropped_{reason}": 1}
-    tally = {"systems": 1, "evaluations": evaluations, "frames": n_frames, "converged": int(result.converged)}
+        tally = {"systems": 1, **evaluations, "dropped": 1, f"dropped_{reason}": 1}
+    else:
+        tally = {"systems": 1, **evaluations, "frames": n_frames, "converged": int(result.converged)}
     return {key: n for key, n in tally.items() if n}
 
 
-def result_frames(result: RelaxResult, teacher: AtomisticModel) -> list[Frame]:
+def label_anomaly(frames: list[Frame]) -> str | None:
+    """Why the teacher's labels of a driven relaxation's kept frames drop the system (None: keep it): a
+    non-finite label, or a free-atom force above 50 eV/A."""
+    for frame in frames:
+        if not (np.isfinite(frame.energy) and np.isfinite(frame.forces).all()):
+            return "teacher_non_finite"
+        free = frame.forces[~frame.fixed]
+        if free.size and np.linalg.norm(free, axis=1).max() > EXPLODED_FORCE_EV_PER_ANG:
+            return "teacher_exploded"
+    return None
+
+
+def teacher_labelled(frames: list[Frame], teacher: AtomisticModel, *, batch: int, device: str) -> list[Frame]:
+    """`frames` with the teacher's energy and forces in place of the driver's, `batch` frames per forward."""
+    labels = [pair for start in range(0, len(frames), batch)
+              for pair in label(frames[start:start + batch], teacher, device=device)]
+    return [frame.replace(energy=energy, forces=forces) for frame, (energy, forces) in zip(frames, labels)]
+
+
+def result_frames(result: RelaxResult, teacher: AtomisticModel, driver: AtomisticModel | None = None,
+                  ) -> list[Frame]:
+    """The kept frames with the relaxer's labels (the driver's, when there is one: see `teacher_labelled`)."""
     task = result.task
     details = {**task.payload, "n_steps": result.n_steps, "converged": result.converged}
+    if driver is not None:
+        details.update(driver=driver.name, driver_sha256=driver.checkpoint_sha256)
     return [
         Frame(positions=record.positions, atomic_numbers=task.atomic_numbers, cell=task.cell, tags=task.tags,
               fixed=task.fixed, energy=record.energy, forces=record.forces, sid=task.sid, fid=record.step,
@@ -168,14 +211,18 @@ def result_frames(result: RelaxResult, teacher: AtomisticModel) -> list[Frame]:
 
 
 class WriterThread:
-    """Checks and writes finished systems beside the relaxer: anomaly checks, frames, then one LMDB transaction per
+    """Checks and writes finished systems beside the relaxer: anomaly checks, frames (labelled by the teacher,
+    `label_batch` frames per forward on `device`, when a `driver` relaxed them), then one LMDB transaction per
     system (kept frames, done-marker, counters). The first failure stops the writing; `submit` and `close` then
     raise it in the caller's thread as one line, and every system written before it stays committed."""
 
-    def __init__(self, writer: LmdbWriter, teacher: AtomisticModel, *, bar: tqdm | None = None,
-                 ahead: int = 64) -> None:
-        self.counts: Counter = Counter(systems=0, evaluations=0, frames=0, converged=0, dropped=0)
-        self._writer, self._teacher, self._bar = writer, teacher, bar
+    def __init__(self, writer: LmdbWriter, teacher: AtomisticModel, *, driver: AtomisticModel | None = None,
+                 label_batch: int = 1, device: str = "cpu", bar: tqdm | None = None, ahead: int = 64) -> None:
+        self._evaluation_keys = evaluation_keys(driver is not None)
+        self.counts: Counter = Counter(dict.fromkeys(
+            ("systems", *self._evaluation_keys, "frames", "converged", "dropped"), 0))
+        self._writer, self._teacher, self._driver, self._bar = writer, teacher, driver, bar
+        self._label_batch, self._device = label_batch, device
         self._results: queue.Queue = queue.Queue(maxsize=ahead)
         self._error: KdaugError | None = None
         self._start = time.perf_counter()
@@ -195,15 +242,21 @@ class WriterThread:
 
     def _write(self, result: RelaxResult) -> None:
         reason = anomaly(result)
-        frames = [] if reason else result_frames(result, self._teacher)
-        tally = result_counts(result, reason, len(frames))
+        frames = [] if reason else result_frames(result, self._teacher, self._driver)
+        labelled = None
+        if self._driver is not None:
+            frames = teacher_labelled(frames, self._teacher, batch=self._label_batch, device=self._device)
+            labelled, reason = len(frames), reason or label_anomaly(frames)
+            frames = [] if reason else frames
+        tally = result_counts(result, reason, len(frames), labelled)
         self._writer.write_batch(frames, done=[str(result.task.sid)], counters=tally)
         self.counts.update(tally)
         if self._bar is not None:
             self._bar.update(1)
             seconds = time.perf_counter() - self._start
+            rates = {f"{key}_per_s": f"{self.counts[key] / seconds:.1f}" for key in self._evaluation_keys}
             self._bar.set_postfix(frames=self.counts["frames"], frames_per_s=f"{self.counts['frames'] / seconds:.2f}",
-                                  evaluations_per_s=f"{self.counts['evaluations'] / seconds:.1f}")
+                                  **rates)
 
     def _raise_error(self) -> None:
         if self._error is not None:
@@ -222,11 +275,12 @@ class WriterThread:
 
 
 class TeacherPace:
-    """The relaxer's `on_step`: counts teacher evaluations (systems per forward) and times the first one
-    from `start` (the call of `run_generate`)."""
+    """The relaxer's `on_step`: counts the evaluations of the model relaxing the systems (systems per forward;
+    the teacher, or the driver, named by `key` in the summary) and times the first one from `start` (the call
+    of `run_generate`)."""
 
-    def __init__(self, start: float) -> None:
-        self.start = start
+    def __init__(self, start: float, key: str = "evaluations") -> None:
+        self.start, self.key = start, key
         self.evaluations, self.first = 0, None
 
     def __call__(self, n_systems: int, n_atoms: int) -> None:
@@ -236,8 +290,8 @@ class TeacherPace:
     def summary(self) -> dict[str, float | int | None]:
         """Run time, evaluations, their rate, and the seconds to the first evaluation (None: none made)."""
         seconds = time.perf_counter() - self.start
-        return {"seconds": round(seconds, 2), "evaluations": self.evaluations,
-                "evaluations_per_s": round(self.evaluations / seconds, 3),
+        return {"seconds": round(seconds, 2), self.key: self.evaluations,
+                f"{self.key}_per_s": round(self.evaluations / seconds, 3),
                 "first_evaluation_s": None if self.first is None else round(self.first - self.start, 2)}
 
 
@@ -272,13 +326,14 @@ def threads_beside_workers(device: str, n_workers: int) -> Iterator[None]:
 
 def run_generate(config: GenerateConfig, *, progress: bool = True) -> dict:
     """Generate (or resume) this shard's part of the dataset; returns the summary: this run's counts, seconds,
-    teacher evaluations and their rate, and the seconds from the call to the first teacher evaluation.
+    model evaluations and their rate (the teacher's; with a driver, the driver's and the teacher's apart), and
+    the seconds from the call to the first evaluation of the relaxing model.
 
     Three things run at once: sampling (`num_workers` processes, systems taken in the order they are ready),
     the relaxer (this thread), and the checks and LMDB writes (`WriterThread`).
     """
     start = time.perf_counter()
-    pace = TeacherPace(start)
+    pace = TeacherPace(start, evaluation_keys(config.driver is not None)[0])
     shard_index, num_shards = shard_from_environment(config.num_shards, config.shard_index)
     stem = "data" if num_shards == 1 else f"shard{shard_index:04d}-of-{num_shards:04d}"
     # Everything that can reject the input comes before the first byte is written.
@@ -292,21 +347,26 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> dict:
                 raise KdaugError(msg)
             teacher.build_graphs_in(config.graph_workers)
             stack.callback(teacher.close_graph_workers)
+        driver = None if config.driver is None else load_named_model("--driver", config.driver, device=config.device)
+        relaxing = teacher if driver is None else driver
+        elements = teacher.supported_elements & relaxing.supported_elements
         sampler = SystemSampler(SamplerConfig(
             bulk_db=config.bulk_db, adsorbate_ids=config.adsorbate_ids, placement=config.placement,
-            max_miller=config.max_miller, seed=config.seed, supported_elements=teacher.supported_elements))
+            max_miller=config.max_miller, seed=config.seed, supported_elements=elements))
+        # The driver shapes the data by its weights: a resume must keep its name and checkpoint hash.
+        driven = {} if driver is None else {"driver_name": driver.name, "driver_sha256": driver.checkpoint_sha256}
         creation_args = {**dataclasses.asdict(config), "teacher_name": teacher.name,
-                         "teacher_sha256": teacher.checkpoint_sha256, "shard_index": shard_index,
+                         "teacher_sha256": teacher.checkpoint_sha256, **driven, "shard_index": shard_index,
                          "num_shards": num_shards}
         data_options = {**{key: getattr(config, key) for key in GenerateConfig.DATA_KEYS},
-                        "teacher_sha256": teacher.checkpoint_sha256, "num_shards": num_shards,
+                        "teacher_sha256": teacher.checkpoint_sha256, **driven, "num_shards": num_shards,
                         "bulk_db_sha256": sha256_of(config.bulk_db or DEFAULT_BULK_DB)}
         writer = LmdbWriter(config.out, stem=stem, creation_args=creation_args, data_options=data_options)
         done = writer.done_keys()
         sids = [sid for sid in range(shard_index, config.n_systems, num_shards) if str(sid) not in done]
         logger.info("shard %d/%d: %d systems to do, %d already done", shard_index, num_shards, len(sids), len(done))
         max_systems = config.max_systems_per_batch or (1 if config.device == "cpu" else 32)
-        relaxer = BatchedRelaxer(teacher, optimizer=config.optimizer, fmax=config.fmax, max_steps=config.max_steps,
+        relaxer = BatchedRelaxer(relaxing, optimizer=config.optimizer, fmax=config.fmax, max_steps=config.max_steps,
                                  max_systems=max_systems, max_atoms=config.max_atoms_per_batch,
                                  device=config.device, on_step=pace)
         keep = FrameSelector(config.seed, config.frame_fraction)
@@ -314,14 +374,18 @@ def run_generate(config: GenerateConfig, *, progress: bool = True) -> dict:
                  for system in iter_systems(sampler, sids, num_workers=config.num_workers))
         with (writer, tqdm(total=len(sids), desc=f"generate {stem}", unit=" systems", disable=not progress) as bar,
               ReadyTasks(tasks, ahead=max_systems + config.num_workers) as ready):
-            background = WriterThread(writer, teacher, bar=bar)
+            background = WriterThread(writer, teacher, driver=driver, label_batch=max_systems, device=config.device,
+                                      bar=bar)
             try:
                 for result in relaxer.run(ready, keep):
                     background.submit(result)
             finally:
                 background.close()
     counts = {**background.counts, **pace.summary()}  # the evaluations of this run (the tally's, unless resumed)
-    logger.info("done: %d systems (%d converged, %d dropped), %d frames, %d teacher evaluations in %.1f s -> %s",
+    if driver is not None:
+        counts["teacher_evaluations_per_s"] = round(counts["teacher_evaluations"] / max(counts["seconds"], 0.01), 3)
+    evaluations = ", ".join(f"{counts[key]} {key.replace('_', ' ')}" for key in evaluation_keys(driver is not None))
+    logger.info("done: %d systems (%d converged, %d dropped), %d frames, %s in %.1f s -> %s",
                 counts["systems"], counts["converged"], counts["dropped"], counts["frames"],
-                counts["evaluations"], counts["seconds"], config.out)
+                evaluations, counts["seconds"], config.out)
     return counts

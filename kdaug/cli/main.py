@@ -18,6 +18,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("generate", "kdaug.cli.generate", "sample adsorbate+slab systems, relax them with a teacher, write LMDBs"),
     ("rattle", "kdaug.cli.rattle", "add Gaussian noise to free atoms and label with the teacher"),
     ("adversarial", "kdaug.cli.adversarial", "perturb frames towards teacher-student disagreement"),
+    ("select", "kdaug.cli.select", "keep the frames of an LMDB where a student disagrees most with the teacher"),
     ("inspect", "kdaug.cli.inspect", "summarise a frame LMDB (file or directory of shards)"),
     ("export", "kdaug.cli.export", "write frames of an LMDB to extxyz"),
     ("train", "kdaug.cli.train", "train a student on DFT + synthetic data, with or without knowledge distillation"),

@@ -19,6 +19,11 @@ T = TypeVar("T")
 _DEST = "config:"  # prefix of the namespace attributes holding raw flag values
 
 
+def dest_of(key: str) -> str:
+    """The namespace attribute holding the raw value of option `key` ("section.field"), None when unset."""
+    return _DEST + key
+
+
 def _help(leaf: Leaf) -> str:
     field = leaf.field
     text = field.metadata.get("help", "")

@@ -1,4 +1,4 @@
-"""`load_model` / `load_teacher`: names, YAML configs and checkpoints to `AtomisticModel`s.
+"""`load_model` / `load_teacher` / `load_named_model`: names, YAML configs and checkpoints to `AtomisticModel`s.
 
 Names: "chgnet" (pretrained, offline), "emt", "ase:module:Class", a config in
 configs/models/ ("gemnet-oc", "painn-big", "painn-small", "schnet" and their
@@ -112,6 +112,28 @@ def load_teacher(
     model = load_model(name_or_config, checkpoint, device=device)
     if model.checkpoint_sha256 is None and model.weights_from_checkpoint:
         msg = f"teacher {model.name} needs pretrained weights (--checkpoint). {OC20_CHECKPOINTS_HINT}"
+        raise KdaugError(msg)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
+
+
+def load_named_model(flag: str, spec: str | os.PathLike, *, device: str | torch.device = "cpu") -> AtomisticModel:
+    """A frozen model named on the command line by `flag`: a checkpoint file whose config it holds (the
+    student.pt of kdaug train, a fairchem checkpoint) or a model with built-in weights (chgnet, emt,
+    ase:module:Class). Anything else is one line naming `flag`."""
+    text = str(spec)
+    if Path(text).is_file():
+        try:
+            model = load_model(None, text, device=device)
+        except KdaugError as err:
+            detail = str(err).removeprefix(f"--checkpoint {text}: ")
+            raise KdaugError(f"{flag} {text}: not a model checkpoint kdaug can load ({detail})") from err
+    elif text in ("chgnet", "emt") or text.startswith("ase:"):
+        model = load_model(text, device=device)
+    else:
+        msg = (f"{flag} {text}: no such checkpoint file (expected a model checkpoint such as the student.pt of "
+               "kdaug train, or chgnet, emt, ase:module:Class)")
         raise KdaugError(msg)
     for param in model.parameters():
         param.requires_grad_(False)
