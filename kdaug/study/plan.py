@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from kdaug.study.config import StudyConfig
+from kdaug.train.strategies import STRATEGIES, KDStrategy
 
 SOURCES = ("generate", "rattle", "adversarial")
 
@@ -16,7 +17,7 @@ class RunSpec:
 
     label: str
     seed: int
-    kd: str = "none"
+    kd: str = "none"  # the --kd value
     source: str | None = None  # synthetic data from the study's teacher: generate | rattle | adversarial
     mix_ratio: float | None = None
     rs_dft: float | None = None
@@ -28,6 +29,10 @@ class RunSpec:
     def folder(self) -> str:
         """Run folder relative to the study folder: runs/<label slug>/seed<k>."""
         return f"runs/{slug(self.label)}/seed{self.seed}"
+
+    @property
+    def strategy(self) -> KDStrategy:
+        return STRATEGIES[self.kd]
 
     @property
     def is_baseline(self) -> bool:
@@ -45,7 +50,7 @@ def slug(label: str) -> str:
 def plan_runs(config: StudyConfig, unsupported: dict[str, str]) -> tuple[list[RunSpec], list[dict[str, str]]]:
     """(runs in training order: baseline first, then per label all seeds; skipped strategies with the reason).
 
-    `unsupported`: {KD mode the teacher-student pair cannot do: why} (from `kdaug.train.kd.check_kd_pair`).
+    `unsupported`: {KD mode the teacher-student pair cannot do: why} (from `kdaug.train.strategies.check_pair`).
     """
     skipped: list[dict[str, str]] = []
 
@@ -57,7 +62,8 @@ def plan_runs(config: StudyConfig, unsupported: dict[str, str]) -> tuple[list[Ru
         return False
 
     labels: list[dict] = [{"label": BASELINE}]
-    labels += [{"label": mode, "kd": mode} for mode in config.strategies if mode != "none" and supported(mode)]
+    labels += [{"label": mode, "kd": mode} for mode in config.strategies
+               if STRATEGIES[mode].uses_teacher and supported(mode)]
     extra = config.extra
     sources = [name for name, on in zip(SOURCES, (extra.generate_systems, extra.rattle_copies,
                                                   extra.adversarial_steps)) if on]
@@ -81,5 +87,5 @@ def plan_runs(config: StudyConfig, unsupported: dict[str, str]) -> tuple[list[Ru
 
 
 def _kd_suffix(mode: str) -> str:
-    return "" if mode == "none" else f" +{mode}"
+    return f" +{mode}" if STRATEGIES[mode].uses_teacher else ""
 
