@@ -116,8 +116,8 @@ def test_cache_refuses_other_data_teacher_and_mode(setup, capsys):
     assert run_cli(setup, "n2n", out, checkpoint=setup["checkpoints"][1]) == 2
     error = capsys.readouterr().err.strip()
     assert re.match(rf"kdaug teacher-cache: error: --out {re.escape(str(out))} was started with other teacher-cache "
-                    r"options: teacher_identity .*; teacher_sha256 '[0-9a-f]{64}' -> '[0-9a-f]{64}'; use another --out$",
-                    error), error
+                    r"options: teacher_identity .*; teacher_sha256 '[0-9a-f]{64}' -> '[0-9a-f]{64}'; "
+                    r"use another --out$", error), error
     assert "\n" not in error
     assert run_cli(setup, "v2v", out) == 2
     assert "kd 'n2n' -> 'v2v'" in capsys.readouterr().err
@@ -134,7 +134,8 @@ def test_a_cache_of_the_old_format_is_refused_in_one_line(setup, capsys):
         TeacherCache.open(out, setup["fingerprints"], setup["teacher"].checkpoint_sha256, get_strategy("n2n"))
     assert run_cli(setup, "n2n", out) == 2
     error = capsys.readouterr().err.strip()
-    assert error.startswith(f"kdaug teacher-cache: error: --out {out}: a teacher cache of format 1") and "\n" not in error
+    assert error.startswith(f"kdaug teacher-cache: error: --out {out}: a teacher cache of format 1")
+    assert "\n" not in error
 
 
 def test_cli_refuses_modes_the_teacher_cannot_do_before_writing(setup, capsys):

@@ -1,4 +1,4 @@
-"""`kdaug teacher-cache --teacher T --checkpoint CKPT --data PATH... --kd STRATEGY --out DIR`: precomputed KD targets."""
+"""`kdaug teacher-cache --teacher T --checkpoint CKPT --data PATH... --kd STRATEGY --out DIR`: stored KD targets."""
 
 from __future__ import annotations
 

@@ -164,7 +164,8 @@ def check_pair(strategy: KDStrategy, student: AtomisticModel | None, teacher: At
     """
     missing = strategy.missing_tap(student, teacher)
     if missing is not None:
-        msg = f"--kd {strategy.name}: {missing}; this pair can do --kd {', '.join(possible_strategies(student, teacher))}"
+        possible = ", ".join(possible_strategies(student, teacher))
+        msg = f"--kd {strategy.name}: {missing}; this pair can do --kd {possible}"
         raise KdaugError(msg)
 
 
