@@ -9,6 +9,7 @@ Sections: `data` (existing LMDBs and/or a "DFT" set the study generates with an 
 from __future__ import annotations
 
 from dataclasses import dataclass, make_dataclass
+from typing import Literal
 
 from kdaug.config import check_values, option
 from kdaug.train.strategies import STRATEGIES, KdName
