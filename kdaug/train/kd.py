@@ -14,7 +14,7 @@ system's weight (the r_s/dft weights).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -88,17 +88,19 @@ class TeacherTargets:
 
     energy (S,) eV; forces (N, 3) eV/A; features: the mode's per-atom target -- vanilla2 atom
     energies (N,) eV, n2n node features (N, D), e2n edge features summed onto their target atoms
-    (N, D), v2v sum_j u_ij H_edge,ij (N, 3, D) -- or None (none, vanilla1).
+    (N, D), v2v sum_j u_ij H_edge,ij (N, 3, D) -- or None (none, vanilla1). extras: further per-atom
+    arrays by name (first dim N), e.g. hessian's "hessian_vectors" and "hessian_hv" (N, k, 3).
     """
 
     energy: torch.Tensor
     forces: torch.Tensor
     features: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> TeacherTargets:
         features = None if self.features is None else self.features.to(device=device, dtype=dtype)
         return TeacherTargets(self.energy.to(device=device, dtype=dtype), self.forces.to(device=device, dtype=dtype),
-                              features)
+                              features, {name: value.to(device=device, dtype=dtype) for name, value in self.extras.items()})
 
 
 class TargetSource(Protocol):
