@@ -233,6 +233,8 @@ def test_bad_input_is_one_line(data):
         HessianKD(k=0)
     with pytest.raises(KdaugError, match=r"^--kd hessian: max_atoms 2.5"):
         HessianKD(max_atoms=2.5)
+    with pytest.raises(KdaugError, match=r"^--kd hessian: seed -1: expected an integer >= 0$"):
+        HessianKD(seed=-1)
     with pytest.raises(KdaugError, match=r"^--kd hessian: eps 0"):
         HessianKD(eps=0)
     strategy = HessianKD()

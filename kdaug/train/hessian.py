@@ -111,14 +111,14 @@ class HessianKD(KDStrategy):
     needs_pos_grad = True
 
     def __init__(self, k: int = 2, max_atoms: int = 32, eps: float = 1e-3, seed: int = 0) -> None:
-        for label, value in (("k", k), ("max_atoms", max_atoms)):
-            if not isinstance(value, int) or value < 1:
-                msg = f"--kd hessian: {label} {value!r}: expected an integer >= 1"
+        for label, value, least in (("k", k, 1), ("max_atoms", max_atoms, 1), ("seed", seed, 0)):
+            if not isinstance(value, int) or value < least:
+                msg = f"--kd hessian: {label} {value!r}: expected an integer >= {least}"
                 raise KdaugError(msg)
         if not eps > 0:
             msg = f"--kd hessian: eps {eps!r}: expected a step > 0 Angstrom"
             raise KdaugError(msg)
-        self.k, self.max_atoms, self.eps, self.seed = k, max_atoms, float(eps), int(seed)
+        self.k, self.max_atoms, self.eps, self.seed = k, max_atoms, float(eps), seed
 
     def cache_fields(self) -> tuple[str, ...]:
         return ("hessian_vectors", "hessian_hv")
