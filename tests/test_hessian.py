@@ -212,7 +212,8 @@ def test_live_and_stored_targets_give_the_same_loss(data, dtype, rtol):
     live = strategy.teacher_targets(teacher, batch)
     in_teacher_dtype = batch.clone()
     in_teacher_dtype.pos, in_teacher_dtype.cell = batch.pos.double(), batch.cell.double()
-    stored = round_trip(strategy.teacher_targets(teacher, in_teacher_dtype), dtype)
+    stored = round_trip(strategy.teacher_targets(teacher, in_teacher_dtype), dtype).to(batch.pos.device,
+                                                                                      batch.pos.dtype)
     torch.testing.assert_close(stored.extras["hessian_vectors"].float(), probe_vectors(batch, 2, 5, 3),
                                rtol=rtol, atol=0)
     weights = torch.tensor([1.0, 0.5, 0.25])

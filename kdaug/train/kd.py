@@ -99,8 +99,9 @@ class TeacherTargets:
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> TeacherTargets:
         features = None if self.features is None else self.features.to(device=device, dtype=dtype)
+        extras = {name: value.to(device=device, dtype=dtype) for name, value in self.extras.items()}
         return TeacherTargets(self.energy.to(device=device, dtype=dtype), self.forces.to(device=device, dtype=dtype),
-                              features, {name: value.to(device=device, dtype=dtype) for name, value in self.extras.items()})
+                              features, extras)
 
 
 class TargetSource(Protocol):
