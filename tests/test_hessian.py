@@ -11,7 +11,7 @@ from ase.calculators.emt import EMT
 from kdaug.data.lmdb import LmdbWriter
 from kdaug.data.training_set import TrainingSet, collate
 from kdaug.errors import KdaugError
-from kdaug.models import load_model
+from kdaug.models import load_model, load_teacher
 from kdaug.models.ase_calc import emt
 from kdaug.train.hessian import HessianKD, hvp_autograd, hvp_finite_difference, probe_vectors, student_hvp
 from kdaug.train.kd import TeacherTargets
@@ -123,6 +123,17 @@ def test_direct_force_student_hvp_is_the_transposed_force_jacobian(data):
         left = (u[mine] * jt_v[mine]).sum(dim=(0, 2))
         right = (v[mine] * j_u[mine]).sum(dim=(0, 2))
         torch.testing.assert_close(left, right, rtol=2e-2, atol=1e-3)
+
+
+def test_chgnet_teacher_takes_double_backward_and_agrees_with_central_differences(data):
+    teacher = load_teacher("chgnet")
+    assert teacher.differentiable  # its forces carry a graph, so HessianKD takes the double backward
+    batch = batch_of(data, [0, 2])
+    targets = HessianKD(k=2).teacher_targets(teacher, batch)
+    vectors, hv = targets.extras["hessian_vectors"], targets.extras["hessian_hv"]
+    differences = hvp_finite_difference(teacher, batch, vectors, eps=1e-3)  # float32: rounding limits the match
+    assert hv.abs().max() > 1
+    torch.testing.assert_close(hv, differences, rtol=0, atol=2e-2 * float(hv.abs().max()))
 
 
 def ase_numeric_hessian_times(atoms: Atoms, vector: np.ndarray, delta: float = 1e-4) -> np.ndarray:
