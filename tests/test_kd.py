@@ -7,12 +7,17 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from kdaug.data.batch import batch_from_frames
+from kdaug.data.lmdb import LmdbWriter
+from kdaug.data.training_set import TrainingSet, collate
 from kdaug.errors import KdaugError
 from kdaug.models import EdgeFeatures, ModelOutput, load_model
 from kdaug.models.protocol import TAPS
 from kdaug.train.kd import TeacherTargets, default_kd_lambda, edge_to_node, edge_to_vector
 from kdaug.train.strategies import STRATEGIES, LiveTeacher, build_kd_head, check_pair, get_strategy
+from kdaug.train.losses import LossWeights
 from tests.conftest import emt_frames
+
+MSE = {"loss": "mse", "l0_weights": LossWeights()}
 
 # strategy -> (teacher, student): GemNet-OC's edge taps feed PaiNN; PaiNN teaches SchNet node features and outputs.
 PAIRS = {
@@ -22,6 +27,7 @@ PAIRS = {
     "n2n": ("painn-tiny", "schnet-tiny"),
     "e2n": ("gemnet-oc-tiny", "painn-tiny"),
     "v2v": ("gemnet-oc-tiny", "painn-tiny"),
+    "hessian": ("painn-tiny", "schnet-tiny"),
 }
 
 
@@ -36,8 +42,19 @@ def two_frames():
     return emt_frames(2)
 
 
+@pytest.fixture(scope="module")
+def training_batch(tmp_path_factory, two_frames):
+    """The two frames as `kdaug train` batches them (dataset_idx and local_idx included)."""
+    path = tmp_path_factory.mktemp("kd") / "data"
+    with LmdbWriter(path) as writer:
+        writer.write_batch(two_frames)
+    data = TrainingSet([path])
+    yield collate([data[0], data[1]])
+    data.close()
+
+
 @pytest.mark.parametrize("name", list(STRATEGIES))
-def test_every_strategy_declares_its_taps_and_its_loss_falls(models, two_frames, name):
+def test_every_strategy_declares_its_taps_and_its_loss_falls(models, training_batch, name):
     strategy = get_strategy(name)
     assert strategy.name == name and name in PAIRS, "give every strategy a tiny pair here"
     assert set(strategy.teacher_taps) | set(strategy.student_taps) <= set(TAPS)
@@ -46,7 +63,7 @@ def test_every_strategy_declares_its_taps_and_its_loss_falls(models, two_frames,
     torch.manual_seed(1)
     student = load_model(student_name)  # fresh weights: this test trains it
     check_pair(strategy, student, teacher)
-    batch = batch_from_frames(two_frames)
+    batch = training_batch.clone()
     assert set(teacher(batch, taps=strategy.teacher_taps).taps) == set(strategy.teacher_taps)
     targets = LiveTeacher(teacher, strategy).targets(batch)
     for field in strategy.cache_fields():
@@ -62,7 +79,7 @@ def test_every_strategy_declares_its_taps_and_its_loss_falls(models, two_frames,
             batch.pos.requires_grad_(True)
         output = student(batch, taps=strategy.student_taps)
         assert set(output.taps) == set(strategy.student_taps)
-        loss = strategy.loss(student, batch, output, head(output), targets, weights)
+        loss = strategy.loss(student, batch, output, head(output), targets, weights, **MSE)
         if not strategy.uses_teacher:
             assert loss.item() == 0 and not strategy.teacher_taps and not strategy.student_taps
             return
@@ -162,13 +179,13 @@ def test_feature_loss_weights_each_atom_by_its_system():
         per_atom_mae = (head.projection(student_node) - target).abs().mean(dim=1)
     atom_weights = weights[batch.batch]
     mapped = head(output)
-    torch.testing.assert_close(n2n.loss(None, batch, output, mapped, targets, weights),
+    torch.testing.assert_close(n2n.loss(None, batch, output, mapped, targets, weights, **MSE),
                                (atom_weights * per_atom_mse).mean())
-    torch.testing.assert_close(n2n.loss(None, batch, output, mapped, targets, weights, loss="mae"),
-                               (atom_weights * per_atom_mae).mean())
-    torch.testing.assert_close(n2n.loss(None, batch, output, mapped, targets, None), per_atom_mse.mean())
+    mae = n2n.loss(None, batch, output, mapped, targets, weights, loss="mae", l0_weights=LossWeights())
+    torch.testing.assert_close(mae, (atom_weights * per_atom_mae).mean())
+    torch.testing.assert_close(n2n.loss(None, batch, output, mapped, targets, None, **MSE), per_atom_mse.mean())
     with pytest.raises(KdaugError, match="^--kd-loss huber: expected one of mse, mae$"):
-        n2n.loss(None, batch, output, mapped, targets, None, loss="huber")
+        n2n.loss(None, batch, output, mapped, targets, None, loss="huber", l0_weights=LossWeights())
 
 
 def test_vanilla2_is_the_absolute_error_of_atom_energies():
@@ -179,7 +196,7 @@ def test_vanilla2_is_the_absolute_error_of_atom_energies():
     vanilla2 = get_strategy("vanilla2")
     teacher_output = ModelOutput(torch.zeros(1), torch.zeros(n, 3), {"atom_energy": teacher})
     targets = TeacherTargets(torch.zeros(1), torch.zeros(n, 3), vanilla2.target_features(teacher_output, n))
-    torch.testing.assert_close(vanilla2.loss(None, batch, output, vanilla2.head()(output), targets, None),
+    torch.testing.assert_close(vanilla2.loss(None, batch, output, vanilla2.head()(output), targets, None, **MSE),
                                (student - teacher).abs().mean())
 
 

@@ -18,9 +18,11 @@ from kdaug.errors import KdaugError
 from kdaug.models import load_model, load_teacher
 from kdaug.train.strategies import LiveTeacher, build_kd_head, get_strategy
 from kdaug.train.teacher_cache import TeacherCache, build_teacher_cache
+from kdaug.train.losses import LossWeights
 from tests.conftest import emt_frames
 
 TEACHER = "gemnet-oc-tiny"
+MSE = {"loss": "mse", "l0_weights": LossWeights()}
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +94,8 @@ def test_cached_and_live_targets_give_the_same_loss(setup, mode, capsys):
     head = build_kd_head(strategy, student, cache, batch)
     output = student(batch, taps=strategy.student_taps)
     weights = torch.tensor([1.5, 0.75, 0.75])
-    live_loss = strategy.loss(student, batch, output, head(output), live, weights)
-    cached_loss = strategy.loss(student, batch, output, head(output), cached, weights)
+    live_loss = strategy.loss(student, batch, output, head(output), live, weights, **MSE)
+    cached_loss = strategy.loss(student, batch, output, head(output), cached, weights, **MSE)
     assert live_loss > 0
     torch.testing.assert_close(cached_loss, live_loss, rtol=2e-3, atol=1e-5)
 

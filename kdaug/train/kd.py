@@ -152,8 +152,8 @@ class KDStrategy:
         return KDHead(tap, projection)
 
     def loss(self, student: AtomisticModel, batch: Batch, student_output: ModelOutput, mapped: torch.Tensor | None,
-             targets: TeacherTargets, system_weights: torch.Tensor | None, *, loss: str = "mse",
-             l0_weights: LossWeights = LossWeights()) -> torch.Tensor:
+             targets: TeacherTargets, system_weights: torch.Tensor | None, *, loss: str,
+             l0_weights: LossWeights) -> torch.Tensor:
         """L_KD for one batch (a scalar).
 
         Args:

@@ -7,7 +7,9 @@
 | n2n      | node         | H_node (N,Dt)                                      | node        | Linear(Ds, Dt)          |
 | e2n      | edge         | sum over edges into atom i of H_edge (N,Dt), eq. 5 | node        | Linear(Ds, Dt)          |
 | v2v      | edge         | sum_j u_ij H_edge,ij per channel (N,3,Dt), eq. 6   | vector      | Linear(Ds, Dt, no bias) |
+| hessian  | -            | H v for k random unit vectors v (N,k,3) eV/A^2     | -           | -                       |
 
+hessian matches the student's H v (double backward through its forces) to the teacher's (`kdaug.train.hessian`).
 M_t is the identity. M_s (`KDHead`) is trained with the student and dropped at export. The feature strategies
 average `--kd-loss` (mse|mae) over each atom's feature entries, then over atoms, each atom carrying its
 system's weight (the r_s/dft weights). `STRATEGIES` is the one list the CLI, `TrainConfig`, the study and
@@ -23,6 +25,7 @@ from torch_geometric.data import Batch
 
 from kdaug.errors import KdaugError
 from kdaug.models.protocol import AtomisticModel, ModelOutput
+from kdaug.train.hessian import HessianKD
 from kdaug.train.kd import (
     FEATURE_LOSSES,
     KDHead,
@@ -32,7 +35,7 @@ from kdaug.train.kd import (
     edge_to_node,
     edge_to_vector,
 )
-from kdaug.train.losses import LossWeights, energy_force_loss
+from kdaug.train.losses import energy_force_loss
 
 __all__ = ["STRATEGIES", "KDStrategy", "KdName", "LiveTeacher", "build_kd_head", "check_pair", "get_strategy",
            "possible_strategies"]
@@ -44,8 +47,7 @@ class NoKD(KDStrategy):
     name = "none"
     uses_teacher = False
 
-    def loss(self, student, batch, student_output, mapped, targets, system_weights, *, loss="mse",
-             l0_weights=LossWeights()) -> torch.Tensor:
+    def loss(self, student, batch, student_output, mapped, targets, system_weights, *, loss, l0_weights):
         return student_output.energy.new_zeros(())
 
 
@@ -54,8 +56,7 @@ class Vanilla1(KDStrategy):
 
     name = "vanilla1"
 
-    def loss(self, student, batch, student_output, mapped, targets, system_weights, *, loss="mse",
-             l0_weights=LossWeights()) -> torch.Tensor:
+    def loss(self, student, batch, student_output, mapped, targets, system_weights, *, loss, l0_weights):
         energy = student_output.energy
         total, _ = energy_force_loss(energy, student_output.forces, targets.energy.to(energy.dtype),
                                      targets.forces.to(energy.dtype), batch.batch, batch.fixed == 0,
@@ -75,8 +76,7 @@ class FeatureKD(KDStrategy):
     def per_atom_error(self, error: torch.Tensor, loss: str) -> torch.Tensor:
         return error.abs() if loss == "mae" else error.square()
 
-    def loss(self, student, batch, student_output, mapped, targets, system_weights, *, loss="mse",
-             l0_weights=LossWeights()) -> torch.Tensor:
+    def loss(self, student, batch, student_output, mapped, targets, system_weights, *, loss, l0_weights):
         if loss not in FEATURE_LOSSES:
             msg = f"--kd-loss {loss}: expected one of {', '.join(FEATURE_LOSSES)}"
             raise KdaugError(msg)
@@ -138,7 +138,7 @@ class VectorToVector(FeatureKD):
 
 
 STRATEGIES: dict[str, KDStrategy] = {s.name: s for s in (NoKD(), Vanilla1(), Vanilla2(), NodeToNode(), EdgeToNode(),
-                                                         VectorToVector())}
+                                                         VectorToVector(), HessianKD())}
 
 KdName = Literal[tuple(STRATEGIES)]  # the --kd values, for config fields
 

@@ -3,14 +3,17 @@
 Tree written by `run_teacher_cache(TeacherCacheConfig(...))` (or `build_teacher_cache`):
 
     out/
-      cache.json               the run record: cache format, teacher name, checkpoint sha256 and identity, --kd,
-                               --dtype and the fields stored; a resume must match it (`kdaug.data.run_record`)
+      cache.json               the run record: cache format, teacher name, checkpoint sha256 and identity, --kd and
+                               the strategy's parameters, --dtype and the fields stored; a resume must match it
+                               (`kdaug.data.run_record`)
       <fingerprint>.lmdb       one `kdaug.data.record_store` file per dataset, named by `FrameDataset.fingerprint()`:
                                record i = {"energy": eV float, "forces": (n,3), <strategy.cache_fields()>: (n,...)}
                                of dataset index i, arrays in the --dtype of the record
 
 Frames are computed in index order and each batch is one transaction together with its resume point, so a
-killed run resumes after the last whole batch. During training the `TrainingSet` is given the cache
+killed run resumes after the last whole batch. The batches are training batches of the --data paths as one
+`TrainingSet` (dataset_idx in --data order), so a strategy seeded per sample draws as `kdaug train` does when
+its --train/--synthetic paths come in that order. During training the `TrainingSet` is given the cache
 (`TrainingSet.attach`): each sample carries `teacher_energy`, `teacher_forces` and `teacher_<field>`, read in
 the DataLoader worker that loads it, and `TeacherCache.targets(batch)` reads them off the collated batch.
 """
@@ -31,7 +34,14 @@ from tqdm import tqdm
 
 from kdaug.config import check_values, option
 from kdaug.data.record_store import RecordReader, RecordWriter
-from kdaug.data.run_record import check_input_paths, check_output_not_input, check_resume, read_json, write_json
+from kdaug.data.run_record import (
+    check_input_paths,
+    check_output_not_input,
+    check_resume,
+    read_json,
+    to_json,
+    write_json,
+)
 from kdaug.data.training_set import TrainingSet, collate
 from kdaug.errors import KdaugError
 from kdaug.models import load_teacher
@@ -102,7 +112,8 @@ def stored_fields(strategy: KDStrategy) -> tuple[str, ...]:
 def cache_record(teacher: AtomisticModel, strategy: KDStrategy, dtype: str) -> dict[str, Any]:
     """What a cache is made with; a resume, and training, refuse a cache whose record differs."""
     return {"format": CACHE_FORMAT, "teacher": teacher.name, "teacher_sha256": teacher.checkpoint_sha256,
-            "teacher_identity": teacher.identity, "kd": strategy.name, "dtype": dtype,
+            "teacher_identity": teacher.identity, "kd": strategy.name, "kd_options": to_json(vars(strategy)),
+            "dtype": dtype,
             "fields": list(stored_fields(strategy))}
 
 
@@ -153,7 +164,7 @@ def build_teacher_cache(
     out = Path(out_dir)
     for path in data_paths:
         check_output_not_input(str(path), str(out))
-    data = [TrainingSet([path], flags=("--data", "--data")) for path in data_paths]
+    data = TrainingSet(data_paths, flags=("--data", "--data"))
     try:
         record = cache_record(teacher, strategy, dtype)
         existing = _read_record(out, f"--out {out}") if out.is_dir() else None
@@ -167,34 +178,34 @@ def build_teacher_cache(
             raise KdaugError(msg) from err
         if existing is None:
             write_json(out / STAMP_FILE, record)
-        summary, seen = [], set()
-        for path, dataset in zip(data_paths, data):
-            fingerprint = dataset.fingerprints()[0]
+        summary, seen, start = [], set(), 0
+        for path, dataset, fingerprint in zip(data_paths, data.datasets, data.fingerprints()):
+            samples = range(start, start + len(dataset))
+            start += len(dataset)
             computed = 0
             if fingerprint not in seen:
                 seen.add(fingerprint)
-                computed = _fill_store(teacher, strategy, dataset, _store_path(out, fingerprint), np.dtype(dtype),
-                                       batch_size, progress)
+                computed = _fill_store(teacher, strategy, data, samples, _store_path(out, fingerprint),
+                                       np.dtype(dtype), batch_size, progress)
             summary.append({"path": str(path), "fingerprint": fingerprint, "frames": len(dataset),
                             "computed": computed})
     finally:
-        for dataset in data:
-            dataset.close()
+        data.close()
     return {"out": str(out), "stamp": record, "datasets": summary}
 
 
-def _fill_store(teacher: AtomisticModel, strategy: KDStrategy, dataset: TrainingSet, path: Path, dtype: np.dtype,
-                batch_size: int, progress: bool) -> int:
-    """Compute the frames of `dataset` not yet in the store at `path`; returns how many were computed."""
+def _fill_store(teacher: AtomisticModel, strategy: KDStrategy, data: TrainingSet, samples: range, path: Path,
+                dtype: np.dtype, batch_size: int, progress: bool) -> int:
+    """Compute the samples of `data` (one dataset's) not yet in the store at `path`; returns how many were computed."""
     fields = stored_fields(strategy)
-    writer = RecordWriter(path, len(dataset), fields)
+    writer = RecordWriter(path, len(samples), fields)
     try:
         start = writer.done
-        with tqdm(total=len(dataset), initial=start, desc=f"teacher-cache {path.name[:12]}", unit=" frames",
+        with tqdm(total=len(samples), initial=start, desc=f"teacher-cache {path.name[:12]}", unit=" frames",
                   disable=not progress) as bar:
-            while writer.done < len(dataset):
-                indices = range(writer.done, min(writer.done + batch_size, len(dataset)))
-                batch = collate([dataset[i] for i in indices]).to(teacher.device)
+            while writer.done < len(samples):
+                indices = samples[writer.done:writer.done + batch_size]
+                batch = collate([data[i] for i in indices]).to(teacher.device)
                 targets = strategy.teacher_targets(teacher, batch)
                 writer.append(_records(targets, fields, batch.natoms.tolist(), dtype))
                 bar.update(len(indices))
