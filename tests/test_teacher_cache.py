@@ -16,6 +16,7 @@ from kdaug.data.lmdb import FrameDataset, LmdbWriter
 from kdaug.data.training_set import TrainingSet, collate
 from kdaug.errors import KdaugError
 from kdaug.models import load_model, load_teacher
+from kdaug.train.hessian import HessianKD
 from kdaug.train.strategies import LiveTeacher, build_kd_head, get_strategy
 from kdaug.train.teacher_cache import TeacherCache, build_teacher_cache
 from kdaug.train.losses import LossWeights
@@ -219,6 +220,37 @@ def test_cached_targets_come_through_dataloader_workers_equal_to_live_ones(setup
             assert got.features.dtype == torch.float32 and got.features.shape[0] == int(batch.natoms.sum())
             torch.testing.assert_close(got.features, want.features, atol=1e-5, rtol=1e-5)
     data.close()
+
+
+def test_cached_hessian_targets_give_the_live_loss_through_dataloader_workers(setup):
+    """`--kd hessian` with a label-only teacher (EMT, central differences): the cache stores the probe vectors and
+    H v; read in a worker they give the live loss."""
+    strategy, teacher = HessianKD(k=2, max_atoms=3, seed=5), load_teacher("emt")
+    out = setup["root"] / "cache-hessian"
+    summary = build_teacher_cache(teacher, setup["paths"], strategy, out, dtype="float32", progress=False)
+    assert summary["stamp"]["fields"] == ["energy", "forces", "hessian_vectors", "hessian_hv"]
+    assert summary["stamp"]["kd_options"] == {"k": 2, "max_atoms": 3, "eps": 1e-3, "seed": 5}
+    cache = TeacherCache.open(out, setup["fingerprints"], None, strategy, teacher_identity=teacher.identity)
+    data = training_set(setup["paths"], cache)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=[indices(data, [(1, 1), (0, 2), (0, 0)])],
+                                         num_workers=1, collate_fn=collate)
+    torch.manual_seed(0)
+    student = load_model("painn-tiny")
+    weights = torch.tensor([1.0, 0.5, 0.25])
+    for batch in loader:
+        live, cached = LiveTeacher(teacher, strategy).targets(batch), cache.targets(batch)
+        assert torch.equal(cached.extras["hessian_vectors"], live.extras["hessian_vectors"])
+        torch.testing.assert_close(cached.extras["hessian_hv"], live.extras["hessian_hv"], rtol=1e-5, atol=1e-6)
+        batch.pos.requires_grad_(True)
+        output = student(batch)
+        live_loss = strategy.loss(student, batch, output, None, live, weights, **MSE)
+        cached_loss = strategy.loss(student, batch, output, None, cached, weights, **MSE)
+        assert float(live_loss) > 0
+        torch.testing.assert_close(cached_loss, live_loss, rtol=1e-5, atol=0)
+    data.close()
+    with pytest.raises(KdaugError, match=r"^--out .* was started with other teacher-cache options: kd_options"):
+        build_teacher_cache(teacher, setup["paths"], HessianKD(k=3, max_atoms=3, seed=5), out, dtype="float32",
+                            progress=False)
 
 
 def test_values_beyond_float16_are_refused_naming_dtype(setup, monkeypatch):

@@ -141,6 +141,11 @@ class KDStrategy:
         """The per-atom feature target from a teacher forward with `teacher_taps` (None: no feature target)."""
         return None
 
+    def settings(self) -> dict[str, object]:
+        """The strategy's own settings (its constructor's arguments, e.g. hessian's k and seed), which shape what
+        a teacher cache stores."""
+        return {name: value for name, value in vars(self).items() if not callable(value)}
+
     def cache_fields(self) -> tuple[str, ...]:
         """Per-atom arrays of `TeacherTargets` (first dim N) a teacher cache stores besides energy and forces."""
         return ()

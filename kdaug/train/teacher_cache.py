@@ -112,7 +112,7 @@ def stored_fields(strategy: KDStrategy) -> tuple[str, ...]:
 def cache_record(teacher: AtomisticModel, strategy: KDStrategy, dtype: str) -> dict[str, Any]:
     """What a cache is made with; a resume, and training, refuse a cache whose record differs."""
     return {"format": CACHE_FORMAT, "teacher": teacher.name, "teacher_sha256": teacher.checkpoint_sha256,
-            "teacher_identity": teacher.identity, "kd": strategy.name, "kd_options": to_json(vars(strategy)),
+            "teacher_identity": teacher.identity, "kd": strategy.name, "kd_options": to_json(strategy.settings()),
             "dtype": dtype,
             "fields": list(stored_fields(strategy))}
 
