@@ -248,6 +248,9 @@ def test_cached_hessian_targets_give_the_live_loss_through_dataloader_workers(se
         assert float(live_loss) > 0
         torch.testing.assert_close(cached_loss, live_loss, rtol=1e-5, atol=0)
     data.close()
+    with pytest.raises(KdaugError, match=r"^--teacher-cache .*: made with --kd hessian settings \{.*'k': 2.*\}, "
+                                         r"but this run's are \{.*'k': 3"):
+        TeacherCache.open(out, setup["fingerprints"], None, HessianKD(k=3, max_atoms=3, seed=5))
     with pytest.raises(KdaugError, match=r"^--out .* was started with other teacher-cache options: kd_options"):
         build_teacher_cache(teacher, setup["paths"], HessianKD(k=3, max_atoms=3, seed=5), out, dtype="float32",
                             progress=False)

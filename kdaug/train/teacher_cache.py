@@ -113,8 +113,7 @@ def cache_record(teacher: AtomisticModel, strategy: KDStrategy, dtype: str) -> d
     """What a cache is made with; a resume, and training, refuse a cache whose record differs."""
     return {"format": CACHE_FORMAT, "teacher": teacher.name, "teacher_sha256": teacher.checkpoint_sha256,
             "teacher_identity": teacher.identity, "kd": strategy.name, "kd_options": to_json(strategy.settings()),
-            "dtype": dtype,
-            "fields": list(stored_fields(strategy))}
+            "dtype": dtype, "fields": list(stored_fields(strategy))}
 
 
 def _read_record(directory: Path, flag: str) -> dict[str, Any] | None:
@@ -122,7 +121,7 @@ def _read_record(directory: Path, flag: str) -> dict[str, Any] | None:
     path = directory / STAMP_FILE
     if not path.is_file():
         return None
-    record = read_json(path, advice=f"remake the cache with kdaug teacher-cache (another {flag})")
+    record = read_json(path, advice="remake the cache with kdaug teacher-cache")
     if not isinstance(record, dict) or record.get("format") != CACHE_FORMAT:
         found = record.get("format", 1) if isinstance(record, dict) else "unknown"
         msg = (f"{flag}: a teacher cache of format {found}, this kdaug reads format {CACHE_FORMAT}; remake it with "
@@ -262,7 +261,8 @@ class TeacherCache:
         """The cache at `directory` for datasets with these fingerprints (in `dataset_idx` order).
 
         Refuses, naming --teacher-cache, a cache of another format, made with another teacher checkpoint,
-        teacher identity (`AtomisticModel.identity`, checked when given) or strategy, or lacking (complete)
+        teacher identity (`AtomisticModel.identity`, checked when given), strategy or strategy settings
+        (`KDStrategy.settings`), or lacking (complete)
         targets for one of the datasets (`names[k]`, e.g. "--train PATH", says which).
         """
         directory = Path(directory)
@@ -276,6 +276,10 @@ class TeacherCache:
             raise KdaugError(msg)
         if stamp["kd"] != strategy.name:
             msg = f"{flag}: made for --kd {stamp['kd']}, not --kd {strategy.name}"
+            raise KdaugError(msg)
+        if stamp["kd_options"] != to_json(strategy.settings()):
+            msg = (f"{flag}: made with --kd {strategy.name} settings {stamp['kd_options']}, but this run's are "
+                   f"{to_json(strategy.settings())}")
             raise KdaugError(msg)
         if stamp["teacher_sha256"] != teacher_sha256:
             msg = (f"{flag}: made with teacher checkpoint sha256 {stamp['teacher_sha256']}, but this teacher's is "
