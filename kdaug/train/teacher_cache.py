@@ -64,7 +64,8 @@ class TeacherCacheConfig:
     teacher: str = option(help="teacher: a model config name (e.g. gemnet-oc), a YAML path, emt or chgnet")
     checkpoint: str | None = option(None, help="teacher checkpoint; its sha256 stamps the cache")
     data: tuple[str, ...] = option(
-        help="frame LMDBs (files or directories of shards): every --train/--synthetic path to cache")
+        help="frame LMDBs (files or directories of shards): every --train then --synthetic path, in kdaug train's "
+             "order (--kd hessian seeds its vectors by it)")
     kd: KdName = option(help="the KD strategy training will use (not none)")
     out: str = option(help="cache directory (resumed if it holds a previous run)")
     dtype: Literal["float16", "float32"] = option(
