@@ -224,3 +224,19 @@ def test_default_lambda_is_table_7():
     assert default_kd_lambda("painn-big", "schnet", n2n, dataset="coll") == 100
     assert default_kd_lambda("painn-big", "schnet", e2n) is None
     assert default_kd_lambda("gemnet-oc-tiny", "painn-tiny", n2n) is None
+
+
+def test_train_cache_and_study_configs_read_the_one_strategy_list():
+    import dataclasses
+    import typing
+
+    from kdaug.study.config import KdLambdas, StudyConfig
+    from kdaug.train.config import TrainConfig
+    from kdaug.train.teacher_cache import TeacherCacheConfig
+
+    for cls in (TrainConfig, TeacherCacheConfig):
+        assert typing.get_args(typing.get_type_hints(cls)["kd"]) == tuple(STRATEGIES)
+    strategies = typing.get_type_hints(StudyConfig)["strategies"]
+    assert typing.get_args(typing.get_args(strategies)[0]) == tuple(STRATEGIES)
+    assert [f.name for f in dataclasses.fields(KdLambdas)] == [n for n, s in STRATEGIES.items() if s.uses_teacher]
+    assert "hessian" in STRATEGIES and KdLambdas(hessian=2.0).hessian == 2.0
