@@ -47,7 +47,7 @@ from kdaug.models.fairchem_v1 import FairchemModel
 from kdaug.train.checkpoint import export_student
 from kdaug.train.config import TrainConfig
 from kdaug.train.distributed import Distributed
-from kdaug.train.kd import TargetSource, TeacherTargets, default_kd_lambda
+from kdaug.train.kd import KDHead, TargetSource, TeacherTargets, default_kd_lambda
 from kdaug.train.losses import LossWeights, energy_force_loss
 from kdaug.train.mixing import MixedBatchSampler, batch_weights
 from kdaug.train.online import OnlineAugmenter
@@ -132,9 +132,9 @@ class Trainer:
         self.data.attach(cache)
         return teacher, cache
 
-    def _kd_head(self) -> torch.nn.Module:
+    def _kd_head(self) -> KDHead:
         if not self.strategy.uses_teacher:
-            return torch.nn.Module()
+            return self.strategy.head()  # maps nothing, has no weights
         sample = collate([self.data[i] for i in range(min(2, len(self.data)))]).to(self.device)
         return build_kd_head(self.strategy, self.student, self.source, sample)
 
