@@ -23,6 +23,7 @@ from kdaug.data.training_set import collate
 from kdaug.models import load_model, load_teacher
 from kdaug.train.config import TrainConfig
 from kdaug.train.loop import Trainer
+from kdaug.train.strategies import STRATEGIES, get_strategy
 from kdaug.train.teacher_cache import build_teacher_cache
 
 
@@ -39,7 +40,8 @@ def main() -> None:
     parser.add_argument("--student", default="painn-small")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--modes", nargs="+", default=["vanilla1", "vanilla2", "n2n", "e2n", "v2v"])
+    parser.add_argument("--modes", nargs="+", choices=list(STRATEGIES),
+                        default=[name for name, strategy in STRATEGIES.items() if strategy.uses_teacher])
     parser.add_argument("--seconds", type=float, default=5.0)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -48,7 +50,7 @@ def main() -> None:
         writer.write_batch([oc20_sized_frame(seed=i) for i in range(args.batch)])
     teacher = load_model(args.teacher)
     teacher.save(work / "teacher.pt")
-    modes = [m for m in args.modes if m not in ("e2n", "v2v") or "edge" in teacher.implemented_taps]
+    modes = [m for m in args.modes if get_strategy(m).missing_tap(None, teacher) is None]  # the teacher's taps
     base = {"student": args.student, "train": (str(work / "data"),), "batch_size": args.batch, "max_steps": 1,
             "device": args.device, "kd_lambda": 1.0}
     plain = step_rate(TrainConfig(**base, out=str(work / "plain")), args.seconds)
@@ -58,7 +60,7 @@ def main() -> None:
         live = step_rate(TrainConfig(**base, **teacher_options, out=str(work / f"live-{mode}")), args.seconds)
         cache = work / f"cache-{mode}"
         labeller = load_teacher(args.teacher, work / "teacher.pt", device=args.device)
-        build_teacher_cache(labeller, [work / "data"], mode, cache, progress=False)
+        build_teacher_cache(labeller, [work / "data"], get_strategy(mode), cache, progress=False)
         cached = step_rate(TrainConfig(**base, **teacher_options, teacher_cache=str(cache),
                                        out=str(work / f"cached-{mode}")), args.seconds)
         rows.append((mode, live, cached))

@@ -16,7 +16,7 @@ from kdaug.data.lmdb import LmdbWriter
 from kdaug.models import load_model
 from kdaug.train.config import TrainConfig
 from kdaug.train.distributed import Distributed
-from kdaug.train.kd import KDHead, build_kd_head, required_taps
+from kdaug.train.strategies import LiveTeacher, build_kd_head, get_strategy
 from kdaug.train.loop import Trainer
 from kdaug.train.student_head import StudentWithHead, unused_parameters
 from tests.conftest import emt_frames
@@ -111,8 +111,9 @@ def test_every_trainable_parameter_gets_a_gradient_so_ddp_needs_no_unused_search
     torch.manual_seed(0)
     student = load_model(name).train()
     teacher = load_model("gemnet-oc-tiny" if mode == "v2v" else "painn-tiny")  # v2v needs edge features
-    head = build_kd_head(mode, student, teacher, batch) if mode != "none" else KDHead("none")
-    assert unused_parameters(StudentWithHead(student, head), batch, required_taps(mode)[1]) == []
+    strategy = get_strategy(mode)
+    head = build_kd_head(strategy, student, LiveTeacher(teacher, strategy), batch)
+    assert unused_parameters(StudentWithHead(student, head), batch, strategy.student_taps) == []
 
 
 def _spare_model() -> StudentWithHead:
@@ -120,7 +121,7 @@ def _spare_model() -> StudentWithHead:
     torch.manual_seed(0)
     student = load_model("painn-tiny").train()
     student.register_parameter("spare", torch.nn.Parameter(torch.zeros(3)))
-    return StudentWithHead(student, KDHead("n2n", 16, 4))
+    return StudentWithHead(student, get_strategy("n2n").head(16, 4))
 
 
 def _gradients(model: torch.nn.Module, batch) -> dict[str, torch.Tensor]:

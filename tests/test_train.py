@@ -100,9 +100,9 @@ def test_mix_ratio_sets_the_synthetic_share_and_rs_dft_the_weights(data, tmp_pat
     assert trainer.visits[:6].sum() == 0 and trainer.visits[6:].sum() == 4
 
 
-@pytest.mark.parametrize("mode", ["vanilla1", "n2n", "v2v"])
+@pytest.mark.parametrize("mode", ["vanilla1", "n2n", "v2v", "hessian"])
 def test_kd_modes_train_with_a_live_teacher(data, tmp_path, mode):
-    teacher = {"vanilla1": {"teacher": "emt"},
+    teacher = {"vanilla1": {"teacher": "emt"}, "hessian": {"teacher": "emt"},
                "n2n": {"teacher": "painn-tiny", "teacher_checkpoint": data["teacher"]},
                "v2v": {"teacher": "gemnet-oc-tiny", "teacher_checkpoint": data["gemnet"]}}[mode]
     run_train(config(data, tmp_path, kd=mode, kd_lambda=1.0, max_steps=3, **teacher), progress=False)
@@ -212,6 +212,27 @@ def test_paper_training_recipes_load(recipe):
     loaded = load_config(TrainConfig, [recipe], {"student": "painn-small", "train": ("d",), "out": "o",
                                                   "max_steps": 10})
     assert loaded.ema_decay == 0.999 and loaded.clip_grad_norm == 10.0 and loaded.lr_milestones
+
+
+def test_hessian_from_a_teacher_cache_gives_the_live_loss(data, tmp_path):
+    """The engine makes batch.pos require grad for --kd hessian; cached vectors and H v (read in the DataLoader
+    worker) give the live teacher's loss."""
+    from kdaug.models import load_teacher
+    from kdaug.train.strategies import get_strategy
+    from kdaug.train.teacher_cache import build_teacher_cache
+
+    cache = tmp_path / "cache"
+    build_teacher_cache(load_teacher("emt"), [data["dft"], data["synthetic"]], get_strategy("hessian"), cache,
+                        dtype="float32", progress=False)
+    options = {"teacher": "emt", "kd": "hessian", "kd_lambda": 1.0, "max_steps": 2, "synthetic": (data["synthetic"],),
+               "num_workers": 1}
+    run_train(config(data, tmp_path / "live", **options), progress=False)
+    run_train(config(data, tmp_path / "cached", teacher_cache=str(cache), **options), progress=False)
+    live, cached = read_log(tmp_path / "live"), read_log(tmp_path / "cached")
+    assert live[0]["kd"] > 0 and len(live) == len(cached) == 2
+    for a, b in zip(live, cached):
+        assert b["kd"] == pytest.approx(a["kd"], rel=1e-4)
+        assert b["l0"] == pytest.approx(a["l0"], rel=1e-5)
 
 
 @pytest.mark.parametrize("kd", [None, "vanilla1"])

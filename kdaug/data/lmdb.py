@@ -158,7 +158,7 @@ class LmdbWriter:
         with self._env.begin() as txn:
             self._length = _read_value(txn, LENGTH_KEY, path, 0)
             self._stats = _read_value(txn, STATS_KEY, path, None) or _empty_stats()
-            raw_options = _get(txn, OPTIONS_KEY, path)
+            raw_options = read_key(txn, OPTIONS_KEY, path)
             try:
                 self._stored_options = json.loads(raw_options) if raw_options else None
                 if not isinstance(self._stored_options, dict | None):
@@ -182,7 +182,7 @@ class LmdbWriter:
                 path = self._path(index)
                 env = self._env if index == self._file_index else _open_readonly(path)
                 with env.begin() as txn:
-                    missing += [len(decode_entry(path, str(key), _get(txn, str(key).encode(), path)).pos)
+                    missing += [len(decode_entry(path, str(key), read_key(txn, str(key).encode(), path)).pos)
                                 for key in range(first, length)]
                 if env is not self._env:
                     env.close()
@@ -335,14 +335,15 @@ def _reading(path: Path) -> Iterator[None]:
         raise damaged(path, str(err)) from err
 
 
-def _get(txn: lmdb.Transaction, key: bytes, path: Path) -> bytes | None:
+def read_key(txn: lmdb.Transaction, key: bytes, path: Path) -> bytes | None:
+    """The raw value under `key` (None if absent); LMDB's corruption reports are one line naming `path`."""
     with _reading(path):
         return txn.get(key)
 
 
 def _read_value(txn: lmdb.Transaction, key: bytes, path: Path, default: Any) -> Any:
     """The pickled value under a bookkeeping key (length: int, stats: dict), or `default` if absent."""
-    raw = _get(txn, key, path)
+    raw = read_key(txn, key, path)
     if raw is None:
         return default
     kind = int if key == LENGTH_KEY else dict
@@ -380,7 +381,7 @@ def _drop_inherited() -> None:
         _SHARED.pop(key)[0].close()
 
 
-def _acquire(file: Path) -> lmdb.Environment:
+def acquire_env(file: Path) -> lmdb.Environment:
     """The process's read-only environment of `file` (opened on first use)."""
     _drop_inherited()
     key = (os.getpid(), file.resolve())
@@ -390,8 +391,8 @@ def _acquire(file: Path) -> lmdb.Environment:
     return _SHARED[key][0]
 
 
-def _release(file: Path) -> None:
-    """Give back one `_acquire`; the environment closes with its last user."""
+def release_env(file: Path) -> None:
+    """Give back one `acquire_env`; the environment closes with its last user."""
     key = (os.getpid(), file.resolve())
     entry = _SHARED.get(key)
     if entry is None:
@@ -418,13 +419,13 @@ def lmdb_files(path: str | os.PathLike) -> list[Path]:
         raise KdaugError(msg)
     for file in files:
         check_lmdb_file(file)
-        env = _acquire(file)
+        env = acquire_env(file)
         try:
             with env.begin() as txn:
                 if _stored_length(txn, env, file):
-                    decode_entry(file, "0", _get(txn, b"0", file))
+                    decode_entry(file, "0", read_key(txn, b"0", file))
         finally:
-            _release(file)
+            release_env(file)
     return files
 
 
@@ -455,12 +456,12 @@ class FrameDataset(torch.utils.data.Dataset):
         self.files = lmdb_files(self.path)
         lengths = []
         for file in self.files:
-            env = _acquire(file)
+            env = acquire_env(file)
             try:
                 with env.begin() as txn:
                     lengths.append(_stored_length(txn, env, file))
             finally:
-                _release(file)
+                release_env(file)
         self.lengths = lengths
         self._offsets = np.cumsum([0, *lengths])
         self._envs: list[lmdb.Environment] | None = None
@@ -471,7 +472,7 @@ class FrameDataset(torch.utils.data.Dataset):
 
     def _environments(self) -> list[lmdb.Environment]:
         if self._envs is None or self._pid != os.getpid():
-            self._envs = [_acquire(f) for f in self.files]
+            self._envs = [acquire_env(f) for f in self.files]
             self._pid = os.getpid()
         return self._envs
 
@@ -488,7 +489,7 @@ class FrameDataset(torch.utils.data.Dataset):
         file_index, key = self.locate(index)
         file = self.files[file_index]
         with self._environments()[file_index].begin() as txn:
-            raw = _get(txn, key.encode("ascii"), file)
+            raw = read_key(txn, key.encode("ascii"), file)
         return decode_entry(file, key, raw)
 
     def fingerprint(self) -> str:
@@ -537,7 +538,7 @@ class FrameDataset(torch.utils.data.Dataset):
         """Give back the environments (closed when no other reader in this process uses them)."""
         if self._envs is not None and self._pid == os.getpid():
             for file in self.files:
-                _release(file)
+                release_env(file)
         self._envs = None
 
     def __getstate__(self) -> dict[str, Any]:

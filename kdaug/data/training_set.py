@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -30,6 +31,17 @@ def _open(path: str | os.PathLike, flag: str) -> FrameDataset:
         msg = f"{flag} {path}: holds no frames (expected at least one)"
         raise KdaugError(msg)
     return dataset
+
+
+class SampleRecords(Protocol):
+    """Further attributes of each sample, read with it (in the DataLoader worker that loads it), e.g. a teacher
+    cache's targets (`kdaug.train.teacher_cache.TeacherCache`)."""
+
+    def sample_attributes(self, dataset_idx: int, local_idx: int, n_atoms: int) -> dict[str, torch.Tensor]:
+        """{attribute name: value} of frame `local_idx` of dataset `dataset_idx` (which has `n_atoms` atoms)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class TrainingSet(torch.utils.data.Dataset):
@@ -71,6 +83,11 @@ class TrainingSet(torch.utils.data.Dataset):
         self.n_synthetic = sum(len(d) for d in synthetic)
         self._n_dft_datasets = len(dft)
         self._offsets = np.cumsum([0, *(len(d) for d in self.datasets)])
+        self._records: SampleRecords | None = None
+
+    def attach(self, records: SampleRecords) -> None:
+        """Add the attributes of `records` to every sample from now on; `close` closes `records` too."""
+        self._records = records
 
     def __len__(self) -> int:
         return self.n_dft + self.n_synthetic
@@ -98,7 +115,8 @@ class TrainingSet(torch.utils.data.Dataset):
         natoms int, tags (N,) long (0 when absent), fixed (N,) bool (False when absent),
         y float energy eV, force (N,3) float32 eV/Angstrom (raw, fixed atoms included),
         synthetic bool (given under the synthetic flag), origin str (stored provenance, "dft" when absent),
-        dataset_idx and local_idx int (which dataset and which frame in it).
+        dataset_idx and local_idx int (which dataset and which frame in it),
+        and the attributes of the attached `SampleRecords`, if any.
         """
         dataset_idx, local_idx = self.locate(int(index))
         stored = self.datasets[dataset_idx][local_idx]
@@ -106,6 +124,7 @@ class TrainingSet(torch.utils.data.Dataset):
         n_atoms = stored.pos.shape[0]
         tags = stored["tags"] if "tags" in stored else torch.zeros(n_atoms)
         fixed = stored["fixed"] if "fixed" in stored else torch.zeros(n_atoms)
+        extra = {} if self._records is None else self._records.sample_attributes(dataset_idx, local_idx, n_atoms)
         return Data(
             pos=stored.pos.to(torch.float32),
             atomic_numbers=stored.atomic_numbers.long(),
@@ -119,14 +138,18 @@ class TrainingSet(torch.utils.data.Dataset):
             origin=stored["origin"] if "origin" in stored else "dft",
             dataset_idx=dataset_idx,
             local_idx=local_idx,
+            **extra,
         )
 
     def close(self) -> None:
         for dataset in self.datasets:
             dataset.close()
+        if self._records is not None:
+            self._records.close()
 
 
 def collate(data_list: Sequence[Data]) -> Batch:
     """DataLoader collate_fn: a PyG Batch with batch (N,) system index and ptr (S+1,); per system
-    y (S,) eV, natoms (S,) long, synthetic (S,) bool, dataset_idx/local_idx (S,) long, origin list[str]."""
+    y (S,) eV, natoms (S,) long, synthetic (S,) bool, dataset_idx/local_idx (S,) long, origin list[str];
+    attached per-atom attributes are concatenated over atoms, per-system ones of shape (1, ...) over systems."""
     return Batch.from_data_list(list(data_list))

@@ -8,12 +8,11 @@ Sections: `data` (existing LMDBs and/or a "DFT" set the study generates with an 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
 from typing import Literal
 
 from kdaug.config import check_values, option
-
-KdMode = Literal["none", "vanilla1", "vanilla2", "n2n", "e2n", "v2v"]
+from kdaug.train.strategies import STRATEGIES, KdName
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,15 +88,13 @@ class ModelSection:
     train: Budget = option(default_factory=Budget, help="training budget")
 
 
-@dataclass(frozen=True, kw_only=True)
-class KdLambdas:
-    """lambda of L = L0 + lambda L_KD per mode (unset: the paper's Table 7 for the pair, where it has one)."""
-
-    vanilla1: float | None = option(None, help="vanilla1 weight")
-    vanilla2: float | None = option(None, help="vanilla2 weight")
-    n2n: float | None = option(None, help="n2n weight")
-    e2n: float | None = option(None, help="e2n weight")
-    v2v: float | None = option(None, help="v2v weight")
+KdLambdas = make_dataclass(
+    "KdLambdas", [(name, float | None, option(None, help=f"{name} weight"))
+                  for name, strategy in STRATEGIES.items() if strategy.uses_teacher],
+    frozen=True, kw_only=True,
+    namespace={"__module__": __name__,
+               "__doc__": "lambda of L = L0 + lambda L_KD per strategy, one field per strategy that uses a teacher "
+                          "(unset: the paper's Table 7 for the pair, where it has one)."})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +111,7 @@ class ExtraData:
     adversarial_alpha: float = option(0.01, help="attack step size", unit="Angstrom per unit gradient")
     mix_ratios: tuple[float, ...] = option((0.5,), help="alpha_target values (share of synthetic samples)")
     rs_dft: tuple[float, ...] = option((1.0,), help="r = w_s / w_dft values")
-    kd: tuple[KdMode, ...] = option(("none",), help="KD modes trained with the extra data")
+    kd: tuple[KdName, ...] = option(("none",), help="KD modes trained with the extra data")
 
     def __post_init__(self) -> None:
         check_values(self, [
@@ -133,7 +130,7 @@ class OnlineSection:
     rattle: tuple[float, ...] = option((), help="online rattle sigmas", unit="Angstrom")
     adversarial: tuple[int, ...] = option((), help="online adversarial step counts")
     share: float = option(0.25, help="share of each batch replaced by perturbed copies")
-    kd: tuple[KdMode, ...] = option(("none",), help="KD modes trained with online augmentation")
+    kd: tuple[KdName, ...] = option(("none",), help="KD modes trained with online augmentation")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -182,7 +179,7 @@ class StudyConfig:
     teacher: ModelSection = option(help="the teacher: trained here on the ground truth unless checkpoint is set")
     student: ModelSection = option(help="the student: its baseline and every strategy use this model and budget")
     data: DataSection = option(default_factory=DataSection, help="training and validation data")
-    strategies: tuple[KdMode, ...] = option(
+    strategies: tuple[KdName, ...] = option(
         ("vanilla1", "vanilla2", "n2n", "e2n", "v2v"), help="KD modes on the ground truth (skipped with a note "
                                                             "where the pair cannot do one)")
     kd_lambda: KdLambdas = option(default_factory=KdLambdas, help="KD loss weight per mode")

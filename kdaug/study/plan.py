@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from kdaug.study.config import StudyConfig
+from kdaug.train.strategies import STRATEGIES, KDStrategy
 
 SOURCES = ("generate", "rattle", "adversarial")
 
@@ -21,7 +22,7 @@ class RunSpec:
 
     label: str
     seed: int
-    kd: str = "none"
+    kd: str = "none"  # the --kd value
     source: str | None = None  # synthetic data from the study's teacher: generate | rattle | adversarial
     mix_ratio: float | None = None
     rs_dft: float | None = None
@@ -36,6 +37,10 @@ class RunSpec:
     def folder(self) -> str:
         """Run folder relative to the study folder: runs/<label slug>/seed<k>."""
         return f"runs/{slug(self.label)}/seed{self.seed}"
+
+    @property
+    def strategy(self) -> KDStrategy:
+        return STRATEGIES[self.kd]
 
     @property
     def is_baseline(self) -> bool:
@@ -53,7 +58,7 @@ def slug(label: str) -> str:
 def plan_runs(config: StudyConfig, unsupported: dict[str, str]) -> tuple[list[RunSpec], list[dict[str, str]]]:
     """(runs in training order: baseline first, then per label all seeds; skipped strategies with the reason).
 
-    `unsupported`: {KD mode the teacher-student pair cannot do: why} (from `kdaug.train.kd.check_kd_pair`).
+    `unsupported`: {KD mode the teacher-student pair cannot do: why} (from `kdaug.train.strategies.check_pair`).
     """
     skipped: list[dict[str, str]] = []
 
@@ -89,7 +94,8 @@ def _arms(config: StudyConfig, supported, fraction: float) -> list[dict]:
                  "synthetic_scale": scale}
                 for source in sources for scale in scales for mode in extra.kd if supported(mode)]
     arms: list[dict] = [{"label": BASELINE}]
-    arms += [{"label": mode, "kd": mode} for mode in config.strategies if mode != "none" and supported(mode)]
+    arms += [{"label": mode, "kd": mode} for mode in config.strategies
+             if STRATEGIES[mode].uses_teacher and supported(mode)]
     for source in sources:
         for alpha in extra.mix_ratios:
             for r in extra.rs_dft:
@@ -115,5 +121,5 @@ def _scale_suffix(scale: float | None) -> str:
 
 
 def _kd_suffix(mode: str) -> str:
-    return "" if mode == "none" else f" +{mode}"
+    return f" +{mode}" if STRATEGIES[mode].uses_teacher else ""
 

@@ -43,7 +43,7 @@ from kdaug.study.convergence import monitored_curve, plateaued
 from kdaug.study.plan import BASELINE, RunSpec, plan_runs, regime_suffix, slug
 from kdaug.study.plots import plot_gap_closed, plot_learning_curves
 from kdaug.study.table import markdown_table, table_rows
-from kdaug.train import kd
+from kdaug.train.strategies import STRATEGIES, check_pair
 from kdaug.train.config import TrainConfig
 from kdaug.train.loop import run_train
 
@@ -251,9 +251,9 @@ class Study:
 
     def kd_changes(self, spec: RunSpec, teacher_ckpt: str) -> dict:
         changes = {"kd": spec.kd, "online_share": spec.online_share}
-        if spec.kd != "none" or spec.online_rattle is not None or spec.online_adversarial is not None:
+        if spec.strategy.uses_teacher or spec.online_rattle is not None or spec.online_adversarial is not None:
             changes.update(teacher=self.config.teacher.model, teacher_checkpoint=teacher_ckpt)
-        if spec.kd != "none":
+        if spec.strategy.uses_teacher:
             changes["kd_lambda"] = getattr(self.config.kd_lambda, spec.kd)
         for key in ("mix_ratio", "rs_dft", "online_rattle", "online_adversarial"):
             if getattr(spec, key) is not None:
@@ -389,7 +389,7 @@ class Study:
                                                  device=config.device)
             student_layers = list(features)
             maps.setdefault(spec.label, {})[spec.seed] = cka_map(teacher_features, features)
-            marks[spec.label] = _distilled_pair(spec.kd, teacher, student)
+            marks[spec.label] = _distilled_pair(spec.strategy, teacher, student)
         teacher_layers = list(teacher_features)
         baselines = {spec.label: spec.baseline for spec in runs}
         main = BASELINE + regime_suffix(config.regimes.largest)
@@ -426,17 +426,18 @@ def _record(path: Path, keys: Sequence[str]) -> dict:
 def _unsupported_modes(student, teacher) -> dict[str, str]:
     """{KD mode the pair cannot do: kdaug train's one-line reason}."""
     reasons = {}
-    for mode in kd.KD_MODES:
+    for name, strategy in STRATEGIES.items():
         try:
-            kd.check_kd_pair(mode, student, teacher)
+            check_pair(strategy, student, teacher)
         except KdaugError as err:
-            reasons[mode] = str(err).removeprefix(f"--kd {mode}: ")
+            reasons[name] = str(err).removeprefix(f"--kd {name}: ")
     return reasons
 
 
-def _distilled_pair(mode: str, teacher, student) -> tuple[str, str] | None:
-    """(teacher layer, student layer) a feature KD mode distils between, None if no layer pair holds both taps."""
-    teacher_taps, student_taps = kd.required_taps(mode)
+def _distilled_pair(strategy, teacher, student) -> tuple[str, str] | None:
+    """(teacher layer, student layer) a feature KD strategy distils between, None if no layer pair holds both
+    taps."""
+    teacher_taps, student_taps = strategy.teacher_taps, strategy.student_taps
     if not teacher_taps or not student_taps or "atom_energy" in teacher_taps:
         return None
     pair = (teacher.tap_layer(teacher_taps[0]), student.tap_layer(student_taps[0]))

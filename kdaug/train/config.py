@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from kdaug.config import check_values, option
+from kdaug.train.strategies import STRATEGIES, KdName, KDStrategy
 
 # Options that may change when a run is resumed: they do not change what the run computes (out: a run folder
 # may be moved), or, like max_steps, only how long it trains: early_stopping (the best value, its weights and the
@@ -36,8 +37,7 @@ class TrainConfig:
     mix_ratio: float | None = option(
         None, help="alpha_target: share of synthetic samples per epoch (unset: plain concatenation)")
     rs_dft: float | None = option(None, help="r = w_s / w_dft, loss weight of synthetic relative to DFT samples")
-    kd: Literal["none", "vanilla1", "vanilla2", "n2n", "e2n", "v2v"] = option(
-        "none", help="KD strategy: none, vanilla1, vanilla2, n2n, e2n, v2v")
+    kd: KdName = option("none", help=f"KD strategy: {', '.join(STRATEGIES)}")
     kd_lambda: float | None = option(None, help="weight of the KD loss (default: the paper's Table 7 for the pair)")
     kd_loss: Literal["mse", "mae"] = option("mse", help="KD feature loss: mse or mae")
     energy_reference: Literal["linear", "none"] = option(
@@ -109,7 +109,8 @@ class TrainConfig:
             (self.online_rattle is None or self.online_adversarial is None, "online_adversarial",
              "to be unset when --online-rattle is given"),
             (0 < self.online_share <= 1, "online_share", "a value in (0, 1]"),
-            (self.teacher_cache is None or self.kd != "none", "teacher_cache", "a --kd mode to use it for"),
+            (self.teacher_cache is None or self.strategy.uses_teacher, "teacher_cache",
+             "a --kd strategy to use it for"),
             (self.checkpoint_every > 0, "checkpoint_every", "a positive number of steps"),
             (self.log_every > 0, "log_every", "a positive number of steps"),
             (self.val_every is None or self.val_every > 0, "val_every", "a positive number of steps"),
@@ -127,5 +128,10 @@ class TrainConfig:
         return self.online_rattle is not None or self.online_adversarial is not None
 
     @property
+    def strategy(self) -> KDStrategy:
+        """The `KDStrategy` of --kd."""
+        return STRATEGIES[self.kd]
+
+    @property
     def needs_teacher(self) -> bool:
-        return self.kd != "none" or self.online
+        return self.strategy.uses_teacher or self.online

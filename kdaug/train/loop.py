@@ -47,17 +47,18 @@ from kdaug.errors import KdaugError, write_error
 from kdaug.evaluate import evaluate
 from kdaug.models import load_model, load_teacher
 from kdaug.models.fairchem_v1 import FairchemModel
-from kdaug.train import kd
 from kdaug.train.checkpoint import export_student
 from kdaug.train.config import TrainConfig
 from kdaug.train.distributed import Distributed
 from kdaug.train.early_stopping import Plateau, ValidationMonitor
+from kdaug.train.kd import KDHead, TargetSource, TeacherTargets, default_kd_lambda
 from kdaug.train.losses import LossWeights, energy_force_loss
 from kdaug.train.mixing import MixedBatchSampler, batch_weights
 from kdaug.train.online import OnlineAugmenter
 from kdaug.train.report import plot_curves
 from kdaug.train.run_folder import RunFolder, check_inputs
 from kdaug.train.schedule import build_scheduler
+from kdaug.train.strategies import LiveTeacher, build_kd_head, check_pair
 from kdaug.train.student_head import StudentWithHead, unused_parameters
 from kdaug.train.target_stats import fit_output_transform
 from kdaug.train.teacher_cache import TeacherCache
@@ -95,8 +96,9 @@ class Trainer:
                              f"{self.dist.world_size} rank(s) gives no batch")
         self.total_steps = config.max_steps or config.epochs * len(self.sampler)
         torch.manual_seed(config.seed)
+        self.strategy = config.strategy
         self.student = load_student(config, self.device)
-        self.teacher, self.cache = self._teacher_source()
+        self.teacher, self.source = self._teacher_source()
         self.head = self._kd_head()
         self.kd_lambda = self._kd_lambda()
         self.loss_weights = LossWeights(config.energy_coefficient, config.force_coefficient)
@@ -117,7 +119,9 @@ class Trainer:
         self.model = self._engine()  # after resume: DDP starts every rank from rank 0's state
 
     # -- setup --------------------------------------------------------------------------
-    def _teacher_source(self) -> tuple[torch.nn.Module | None, TeacherCache | None]:
+    def _teacher_source(self) -> tuple[torch.nn.Module | None, TargetSource | None]:
+        """(the live teacher, where the KD targets come from): a teacher cache, attached to the training set so
+        its targets come with the samples, or the live teacher; (None, None) without a teacher."""
         config = self.config
         if config.needs_teacher and config.teacher is None:
             raise KdaugError(f"--kd {config.kd} / online augmentation: needs --teacher (and --teacher-checkpoint "
@@ -127,18 +131,19 @@ class Trainer:
         if not config.needs_teacher:
             return None, None
         teacher = load_teacher(config.teacher, config.teacher_checkpoint, device=self.device)
-        kd.check_kd_pair(config.kd, self.student, teacher)
-        cache = None
-        if config.teacher_cache:
-            cache = TeacherCache.open(config.teacher_cache, self.data.fingerprints(), teacher.checkpoint_sha256,
-                                      config.kd, names=self.data.names(), teacher_identity=teacher.identity)
+        check_pair(self.strategy, self.student, teacher)
+        if not config.teacher_cache:
+            return teacher, LiveTeacher(teacher, self.strategy)
+        cache = TeacherCache.open(config.teacher_cache, self.data.fingerprints(), teacher.checkpoint_sha256,
+                                  self.strategy, names=self.data.names(), teacher_identity=teacher.identity)
+        self.data.attach(cache)
         return teacher, cache
 
-    def _kd_head(self) -> torch.nn.Module:
-        if self.config.kd == "none":
-            return kd.KDHead("none")
+    def _kd_head(self) -> KDHead:
+        if not self.strategy.uses_teacher:
+            return self.strategy.head()  # maps nothing, has no weights
         sample = collate([self.data[i] for i in range(min(2, len(self.data)))]).to(self.device)
-        return kd.build_kd_head(self.config.kd, self.student, self.cache or self.teacher, sample)
+        return build_kd_head(self.strategy, self.student, self.source, sample)
 
     def _engine(self) -> torch.nn.Module:
         """Student and head in one module, under DDP with more than one rank."""
@@ -146,18 +151,18 @@ class Trainer:
         if self.dist.world_size == 1:
             return model
         sample = collate([self.data[i] for i in range(min(2, len(self.data)))]).to(self.device)
-        unused = unused_parameters(model, sample, kd.required_taps(self.config.kd)[1])
+        unused = unused_parameters(model, sample, self.strategy.student_taps)
         if unused:
             logger.info("parameters without a gradient (DDP finds them each step): %s", ", ".join(unused))
         return self.dist.wrap(model, find_unused_parameters=bool(unused))
 
     def _kd_lambda(self) -> float:
         config = self.config
-        if config.kd == "none":
+        if not self.strategy.uses_teacher:
             return 0.0
         if config.kd_lambda is not None:
             return config.kd_lambda
-        value = kd.default_kd_lambda(self.teacher.name, self.student.name, config.kd)
+        value = default_kd_lambda(self.teacher.name, self.student.name, self.strategy)
         if value is None:
             raise KdaugError(f"--kd-lambda: the paper's Table 7 has no weight for teacher {self.teacher.name} -> "
                              f"student {self.student.name} with {config.kd}; pass --kd-lambda")
@@ -239,10 +244,8 @@ class Trainer:
             self.visits = state["visits"][self.dist.rank].copy()
 
     # -- one step -----------------------------------------------------------------------
-    def _targets(self, batch) -> kd.TeacherTargets | None:
-        if self.cache is not None:
-            return self.cache.targets(batch)
-        return kd.live_teacher_targets(self.config.kd, self.teacher, batch)
+    def _targets(self, batch) -> TeacherTargets:
+        return self.source.targets(batch)
 
     def train_step(self, batch) -> dict[str, float]:
         """One optimizer step on `batch`; returns the scalars to log."""
@@ -250,20 +253,21 @@ class Trainer:
         targets = None
         if self.online is not None:
             targets = self.online.augment(batch, step=self.step, seed=self.config.seed)
-        elif self.config.kd != "none":
+        elif self.strategy.uses_teacher:
             targets = self._targets(batch)
         weights = batch_weights(batch.synthetic, self.config.rs_dft)
-        _, student_taps = kd.required_taps(self.config.kd)
-        output, mapped = self.model(batch, taps=student_taps)
+        if self.strategy.needs_pos_grad:
+            batch.pos.requires_grad_(True)
+        output, mapped = self.model(batch, taps=self.strategy.student_taps)
         free = ~batch.fixed.bool()
         l0, parts = energy_force_loss(output.energy, output.forces, batch.y.to(output.energy.dtype),
                                       batch.force.to(output.forces.dtype), batch.batch, free, weights,
                                       self.loss_weights)
         loss = l0
         kd_value = torch.zeros(())
-        if self.config.kd != "none":
-            kd_value = kd.kd_loss(self.config.kd, mapped, output, targets, batch, weights,
-                                  loss=self.config.kd_loss, l0_weights=self.loss_weights)
+        if self.strategy.uses_teacher:
+            kd_value = self.strategy.loss(self.student, batch, output, mapped, targets, weights,
+                                          loss=self.config.kd_loss, l0_weights=self.loss_weights)
             loss = l0 + self.kd_lambda * kd_value
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()  # under DDP: gradients averaged over the ranks, in buckets during the backward
@@ -387,7 +391,7 @@ class Trainer:
         return summary
 
     def close(self) -> None:
-        """Release the data files (the teacher cache opens its files per read) and the process group."""
+        """Release the data files (a teacher cache's too: the training set holds it) and the process group."""
         self.data.close()
         self.folder.release()
         self.dist.close()

@@ -14,17 +14,17 @@ import torch
 
 from kdaug.models.protocol import AtomisticModel
 from kdaug.perturb.adversarial import AttackParams, adversarial_perturb
-from kdaug.train import kd
 from kdaug.train.config import TrainConfig
+from kdaug.train.kd import KDStrategy, TeacherTargets
 
 
 class OnlineAugmenter:
     """Perturbs a share of each batch in place and returns the teacher targets of the whole batch."""
 
-    def __init__(self, teacher: AtomisticModel, student: AtomisticModel, *, share: float, kd_mode: str,
+    def __init__(self, teacher: AtomisticModel, student: AtomisticModel, *, share: float, strategy: KDStrategy,
                  sigma: float | None = None, attack: AttackParams | None = None) -> None:
         self.teacher, self.student = teacher, student
-        self.share, self.kd_mode = share, kd_mode
+        self.share, self.strategy = share, strategy
         self.sigma, self.attack = sigma, attack
 
     @classmethod
@@ -32,10 +32,10 @@ class OnlineAugmenter:
         if not config.online:
             return None
         attack = AttackParams(steps=config.online_adversarial) if config.online_adversarial else None
-        return cls(teacher, student, share=config.online_share, kd_mode=config.kd, sigma=config.online_rattle,
+        return cls(teacher, student, share=config.online_share, strategy=config.strategy, sigma=config.online_rattle,
                    attack=attack)
 
-    def augment(self, batch, *, step: int, seed: int) -> kd.TeacherTargets:
+    def augment(self, batch, *, step: int, seed: int) -> TeacherTargets:
         """Move round(share * S) systems of `batch` (in place), relabel them; teacher targets of the batch."""
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         n_systems = len(batch.natoms)
@@ -45,7 +45,7 @@ class OnlineAugmenter:
         chosen = chosen.to(batch.pos.device)
         moving = chosen[batch.batch] & ~batch.fixed.bool()
         batch.pos = torch.where(moving[:, None], self._moved_positions(batch, generator), batch.pos)
-        targets = kd.live_teacher_targets(self.kd_mode, self.teacher, batch)
+        targets = self.strategy.teacher_targets(self.teacher, batch)
         atoms = chosen[batch.batch]
         batch.y = torch.where(chosen, targets.energy.to(batch.y.dtype), batch.y)
         batch.force = torch.where(atoms[:, None], targets.forces.to(batch.force.dtype), batch.force)
