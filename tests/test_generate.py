@@ -155,6 +155,9 @@ def test_atom_budget_and_out_of_memory_backoff():
         def check_elements(self, numbers):
             self.emt.check_elements(numbers)
 
+        def end_trajectories(self, ids):
+            self.emt.end_trajectories(ids)
+
         def forward(self, batch):
             if len(batch.natoms) > 2:
                 self.failures += 1
