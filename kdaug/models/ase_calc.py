@@ -69,10 +69,10 @@ class AseCalculatorModel(AtomisticModel):
         energies, forces = [], []
         for system, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
             atoms = Atoms(numbers=numbers[start:stop], positions=pos[start:stop], cell=cells[system], pbc=True)
-            atoms.calc = self._calculator(trajectories[system])
+            calc = self._calculator(trajectories[system])
             try:
-                energies.append(atoms.get_potential_energy())
-                forces.append(atoms.get_forces())
+                energies.append(calc.get_property("energy", atoms))
+                forces.append(calc.get_property("forces"))  # of the same atoms: no second comparison of them
             except Exception as err:  # third-party calculators raise anything
                 msg = f"teacher {self.name} failed on system {system}: {type(err).__name__}: {err}"
                 raise KdaugError(msg) from err

@@ -158,7 +158,7 @@ class LBFGS:
 
         def products(hist: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             """(S, used): each stored slot's vector dotted with the new one, per system."""
-            return segment_sum(torch.einsum("nmk,nk->nm", hist[:, :used], new), system_idx, n_systems)
+            return segment_sum((hist[:, :used] * new[:, None]).sum(2), system_idx, n_systems)
 
         sy[systems, slot, :used] = products(y_hist, s_new)
         sy[systems, :used, slot] = products(s_hist, y_new)
@@ -193,7 +193,7 @@ class LBFGS:
         rho = torch.where(valid, state.rho.gather(1, order), 0.0)
 
         def in_age_order(hist: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-            dots = segment_sum(torch.einsum("nmk,nk->nm", hist, vector), system_idx, n_systems)
+            dots = segment_sum((hist * vector[:, None]).sum(2), system_idx, n_systems)
             return dots.gather(1, order)
 
         eye = torch.eye(used, dtype=q.dtype, device=q.device)
@@ -211,8 +211,8 @@ class LBFGS:
             slots = torch.zeros_like(coefficients).scatter_add_(1, order, torch.where(valid, coefficients, 0.0))
             return slots[system_idx]
 
-        z0 = (q - torch.einsum("nm,nmk->nk", by_slot(a), y_hist)) / self.alpha
-        return z0 + torch.einsum("nm,nmk->nk", by_slot(a - b), s_hist)
+        z0 = (q - (by_slot(a)[:, :, None] * y_hist).sum(1)) / self.alpha
+        return z0 + (by_slot(a - b)[:, :, None] * s_hist).sum(1)
 
 
 OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS}
