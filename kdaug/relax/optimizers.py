@@ -94,7 +94,7 @@ class FIRE:
 
 @dataclass(eq=False)
 class LbfgsState(BatchState):
-    """LBFGS memory: steps s and force changes y (N, memory, 3) per atom, a ring per system (pair number n in
+    """LBFGS memory: steps s and force changes y (N, 3, memory) per atom, a ring per system (pair number n in
     slot n % memory), the previous positions r0 and forces f0 (N, 3); per system rho (S, memory), the products
     sy[i, j] = s_i . y_j and yy[i, j] = y_i . y_j (S, memory, memory), pairs stored so far and started flag."""
 
@@ -113,7 +113,7 @@ class LbfgsState(BatchState):
 class LBFGS:
     """ASE's LBFGS with ASE's defaults (memory 100, alpha 70 eV/A^2, damping 1, maxstep 0.2 A).
 
-    The history lives per atom ((N, memory, 3) rings) so systems can join and leave; each step writes one
+    The history lives per atom ((N, 3, memory) rings) so systems can join and leave; each step writes one
     slot in place (`step` reuses its input's history buffers) and updates the per-system products of the new
     pair with the stored ones, so the two-loop recursion is two batched triangular solves over the slots
     (the same sums in another order: equal to the loop to float64 rounding). Unused slots have rho = 0.
@@ -129,7 +129,7 @@ class LBFGS:
         f64 = {"dtype": torch.float64, "device": device}
         return LbfgsState(
             **vars(state.structure()),
-            s=torch.zeros(n_atoms, self.memory, 3, **f64), y=torch.zeros(n_atoms, self.memory, 3, **f64),
+            s=torch.zeros(n_atoms, 3, self.memory, **f64), y=torch.zeros(n_atoms, 3, self.memory, **f64),
             r0=torch.zeros(n_atoms, 3, **f64), f0=torch.zeros(n_atoms, 3, **f64),
             rho=torch.zeros(n_systems, self.memory, **f64),
             sy=torch.zeros(n_systems, self.memory, self.memory, **f64),
@@ -152,13 +152,14 @@ class LBFGS:
         slot = state.n_pairs % self.memory
         systems = torch.arange(n_systems, device=state.device)
         s_hist, y_hist, rho, sy, yy = state.s, state.y, state.rho, state.sy, state.yy
-        s_hist[torch.arange(len(positions), device=state.device), slot[system_idx]] = s_new
-        y_hist[torch.arange(len(positions), device=state.device), slot[system_idx]] = y_new
+        atoms = torch.arange(len(positions), device=state.device)
+        s_hist[atoms, :, slot[system_idx]] = s_new
+        y_hist[atoms, :, slot[system_idx]] = y_new
         rho[systems, slot] = rho_new
 
         def products(hist: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
             """(S, used): each stored slot's vector dotted with the new one, per system."""
-            return segment_sum((hist[:, :used] * new[:, None]).sum(2), system_idx, n_systems)
+            return _per_system_dots(state, hist[:, :, :used], new)
 
         sy[systems, slot, :used] = products(y_hist, s_new)
         sy[systems, :used, slot] = products(s_hist, y_new)
@@ -182,7 +183,7 @@ class LBFGS:
         if used == 0:
             return q / self.alpha
         system_idx, n_systems = state.system_idx, state.n_systems
-        s_hist, y_hist = state.s[:, :used], state.y[:, :used]
+        s_hist, y_hist = state.s[:, :, :used], state.y[:, :, :used]
         age = torch.arange(used, device=state.device)
         valid = age < state.n_pairs[:, None]  # (S, used): ages a system has
         order = torch.where(valid, (state.n_pairs[:, None] - 1 - age) % self.memory, torch.zeros_like(age))
@@ -193,11 +194,10 @@ class LBFGS:
         rho = torch.where(valid, state.rho.gather(1, order), 0.0)
 
         def in_age_order(hist: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-            dots = segment_sum((hist * vector[:, None]).sum(2), system_idx, n_systems)
-            return dots.gather(1, order)
+            return _per_system_dots(state, hist, vector).gather(1, order)
 
         eye = torch.eye(used, dtype=q.dtype, device=q.device)
-        newer = torch.tril(sy, diagonal=-1)  # [i, j] = s_i . y_j for j newer than i
+        newer = sy * torch.ones(used, used, dtype=q.dtype, device=q.device).tril(-1)  # s_i . y_j, j newer than i
         a = torch.linalg.solve_triangular(eye + rho[:, :, None] * newer, (rho * in_age_order(s_hist, q))[:, :, None],
                                           upper=False, unitriangular=True)[:, :, 0]
         yz0 = (in_age_order(y_hist, q) - (yy @ a[:, :, None])[:, :, 0]) / self.alpha
@@ -206,13 +206,22 @@ class LBFGS:
         b = torch.linalg.solve_triangular(eye + rho[:, :, None] * older, rhs[:, :, None], upper=True,
                                           unitriangular=True)[:, :, 0]
 
-        def by_slot(coefficients: torch.Tensor) -> torch.Tensor:
-            """(S, used) in age order -> (N, used) per atom in slot order (invalid ages are 0)."""
+        def combination(coefficients: torch.Tensor, hist: torch.Tensor) -> torch.Tensor:
+            """(N, 3): sum over slots of each system's coefficients (S, used, age order) times its vectors."""
             slots = torch.zeros_like(coefficients).scatter_add_(1, order, torch.where(valid, coefficients, 0.0))
-            return slots[system_idx]
+            every = (hist.reshape(3 * len(q), used) @ slots.T).view(len(q), 3, n_systems)  # all systems' coefficients
+            return every.gather(2, system_idx[:, None, None].expand(-1, 3, 1))[:, :, 0]
 
-        z0 = (q - (by_slot(a)[:, :, None] * y_hist).sum(1)) / self.alpha
-        return z0 + (by_slot(a - b)[:, :, None] * s_hist).sum(1)
+        z0 = (q - combination(a, y_hist)) / self.alpha
+        return z0 + combination(a - b, s_hist)
+
+
+def _per_system_dots(state: BatchState, hist: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """(S, m): per system, each slot of `hist` (N, 3, m) dotted with `vector` (N, 3), as one matrix product
+    (elementwise products of the whole history, or index_add_ over 2-D rows, cost far more on a CPU)."""
+    systems = torch.arange(state.n_systems, device=state.device)
+    spread = vector[:, :, None] * (state.system_idx[:, None] == systems[None, :]).to(vector.dtype)[:, None, :]
+    return spread.reshape(3 * len(vector), state.n_systems).T @ hist.reshape(3 * len(vector), hist.shape[2])
 
 
 OPTIMIZERS = {"fire": FIRE, "lbfgs": LBFGS}
