@@ -19,7 +19,10 @@ and the wall time as a multiple of kdaug's relaxer. Every tool batches by atoms 
   has no FIRE, and converged systems stay in the batch (masked) until the whole batch is done.
 Each peer evaluates the kdaug model adapter (`kdaug.models.load_model`) through a thin wrapper: torch-sim's
 `ModelInterface`, fairchem's trainer `predict`, ASE's calculator. ASE takes EMT natively; torch-sim and
-`ml_relax` have no EMT and get it only through that wrapper. torch-sim is not a kdaug dependency: install it
+`ml_relax` have no EMT and get it only through that wrapper. kdaug's relaxer and ASE's calculator name each
+trajectory to the adapter, so EMT keeps one calculator (and neighbour list) per system; the torch-sim and
+`ml_relax` wrappers cannot (their batches carry no identity of a system across swaps), so EMT builds a fresh
+calculator and neighbour list at each of their evaluations. torch-sim is not a kdaug dependency: install it
 into its own environment that sees kdaug's packages (README, Benchmarks) and run this module with that python.
 """
 

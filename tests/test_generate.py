@@ -132,6 +132,26 @@ def test_relaxer_steps_while_the_sampler_is_slow_and_loses_nothing():
         np.testing.assert_allclose(result.final.positions, alone[result.task.sid].final.positions, atol=1e-10)
 
 
+def test_a_relaxation_stopped_and_resumed_repeats_the_uninterrupted_one_bit_for_bit():
+    """Each system's numbers depend only on its own trajectory (one EMT calculator each, from its first step):
+    stopping the relaxer after two results and relaxing the rest with the same, warm, model gives exactly the
+    energies and positions of one uninterrupted run, and every trajectory's calculator is dropped."""
+    slabs = [emt_slab(m, a, seed=i) for i, (m, a) in enumerate(SLABS)]
+    model = load_model("emt")
+    whole = {r.task.sid: r for r in BatchedRelaxer(model, max_systems=3, max_steps=12).run(tasks_of(slabs))}
+    assert not model._calcs
+    run = BatchedRelaxer(model, max_systems=3, max_steps=12).run(tasks_of(slabs))
+    stopped = [next(run), next(run)]
+    run.close()  # the systems in flight are lost, as in a killed `kdaug generate`
+    assert not model._calcs
+    done = {r.task.sid for r in stopped}
+    rest = BatchedRelaxer(model, max_systems=3, max_steps=12).run([t for t in tasks_of(slabs) if t.sid not in done])
+    for result in [*stopped, *rest]:
+        reference = whole[result.task.sid]
+        assert result.energies == reference.energies
+        np.testing.assert_array_equal(result.final.positions, reference.final.positions)
+
+
 def test_sampler_errors_reach_the_relaxer():
     def failing():
         yield tasks_of([emt_slab()])[0]
@@ -154,6 +174,9 @@ def test_atom_budget_and_out_of_memory_backoff():
 
         def check_elements(self, numbers):
             self.emt.check_elements(numbers)
+
+        def end_trajectories(self, ids):
+            self.emt.end_trajectories(ids)
 
         def forward(self, batch):
             if len(batch.natoms) > 2:

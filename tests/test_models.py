@@ -146,6 +146,50 @@ def test_emt_teacher_matches_ase(two_frames):
                                    atoms.get_forces(apply_constraint=False), atol=1e-8)
 
 
+def test_emt_teacher_keeps_one_calculator_per_trajectory(two_frames):
+    """Two trajectories in one batch keep their own calculators, so a small step reuses EMT's neighbour
+    lists; results equal a fresh calculator's; unnamed systems and ended trajectories keep nothing."""
+    from kdaug.models.protocol import new_trajectories
+
+    teacher = load_teacher("emt")
+    batch = batch_from_frames(two_frames, dtype=torch.float64)
+    fresh = teacher(batch)
+    assert not teacher._calcs  # unnamed systems: a fresh calculator each, none kept
+    batch.trajectory = new_trajectories(2)
+    first = teacher(batch)
+    batch.pos = batch.pos.clone()
+    batch.pos[-1] += 0.02  # one atom, a step well inside EMT's neighbour-list skin
+    moved = teacher(batch)
+    assert [calc.nl.nupdates for calc in teacher._calcs.values()] == [1, 1]
+    torch.testing.assert_close(first.energy, fresh.energy, rtol=0, atol=0)
+    assert not torch.allclose(first.forces, moved.forces)
+    del batch.trajectory
+    unnamed = teacher(batch)
+    torch.testing.assert_close(moved.energy, unnamed.energy, rtol=0, atol=1e-10)
+    torch.testing.assert_close(moved.forces, unnamed.forces, rtol=0, atol=1e-10)
+    teacher.end_trajectories(new_trajectories(0).tolist() + list(teacher._calcs))
+    assert not teacher._calcs
+
+
+def test_model_calculator_is_one_trajectory_ended_with_it(two_frames):
+    import gc
+
+    from kdaug.data.convert import frame_to_atoms
+    from kdaug.models.ase_calc import ModelCalculator
+
+    teacher = load_teacher("emt")
+    atoms = frame_to_atoms(two_frames[0])
+    atoms.calc = ModelCalculator(teacher)
+    atoms.get_potential_energy()
+    atoms.positions[-1] += 0.02
+    atoms.get_potential_energy()
+    (calc,) = teacher._calcs.values()
+    assert calc.nl.nupdates == 1
+    atoms.calc = None
+    gc.collect()
+    assert not teacher._calcs
+
+
 def test_chgnet_adapter_matches_its_ase_calculator(models, two_frames, oc20_atoms):
     from chgnet.model import StructOptimizer  # noqa: F401  (ensures chgnet.model.dynamics is importable)
     from chgnet.model.dynamics import CHGNetCalculator

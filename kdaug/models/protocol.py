@@ -3,11 +3,18 @@
 A model takes a PyG `Batch` (pos (N,3) Angstrom, atomic_numbers (N,), cell (S,3,3),
 natoms (S,), batch (N,) system index; tags/fixed optional) and returns a
 `ModelOutput`: energy (S,) eV, forces (N,3) eV/Angstrom and the KD taps asked for.
+
+A caller that evaluates the same systems again and again (a relaxation) may name
+them with `trajectory` (S,) long ids from `new_trajectories`, and ends them with
+`AtomisticModel.end_trajectories`; a model may keep state per trajectory until then
+(an ASE calculator's neighbour list). Results never depend on it beyond rounding
+that is the same for every run of the same trajectory.
 """
 
 from __future__ import annotations
 
 import abc
+import itertools
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -19,6 +26,12 @@ from torch_geometric.data import Batch
 from kdaug.errors import PropertyNotAvailable, UnsupportedElement
 
 TAPS: tuple[str, ...] = ("node", "edge", "vector", "atom_energy")
+_TRAJECTORY_IDS = itertools.count()
+
+
+def new_trajectories(n: int) -> torch.Tensor:
+    """(n,) long ids, unique in this process, naming trajectories (see the module docstring)."""
+    return torch.tensor([next(_TRAJECTORY_IDS) for _ in range(n)], dtype=torch.long)
 
 
 @dataclass
@@ -107,6 +120,9 @@ class AtomisticModel(nn.Module, abc.ABC):
                 msg = f"model {self.name} has no {tap!r} tap (available: {available})"
                 raise PropertyNotAvailable(msg)
         return taps
+
+    def end_trajectories(self, ids: Iterable[int]) -> None:
+        """Drop what this model keeps for these trajectories; a model that keeps nothing ignores it."""
 
     def forward(self, batch: Batch, taps: Iterable[str] = ()) -> ModelOutput:
         taps = self.check_taps(taps)

@@ -22,7 +22,7 @@ import torch
 from ase import Atoms
 
 from kdaug.data.convert import fixed_mask
-from kdaug.models.protocol import AtomisticModel
+from kdaug.models.protocol import AtomisticModel, new_trajectories
 from kdaug.relax.optimizers import OPTIMIZERS, Optimizer
 from kdaug.state import BatchState, segment_max, split_atoms
 
@@ -82,9 +82,10 @@ class RelaxResult:
 
 @dataclass
 class _Active:
-    """Host bookkeeping of one system in the batch."""
+    """Host bookkeeping of one system in the batch; `trajectory` names it to the model."""
 
     task: RelaxTask
+    trajectory: int
     energies: list[float] = field(default_factory=list)
     fmaxes: list[float] = field(default_factory=list)
     kept: list[StepRecord] = field(default_factory=list)
@@ -222,19 +223,24 @@ class BatchedRelaxer:
         `keep(task, step)` says which evaluations go into `RelaxResult.kept`.
         """
         waiting, flight = _Queue(tasks), _Flight()
-        while self._refill(flight, waiting):
-            energy, forces = self._evaluate(flight.state.structure())
-            if self.on_step is not None:
-                self.on_step(flight.state.n_systems, len(flight.state.positions))
-            free_forces = forces.masked_fill(flight.state.fixed[:, None], 0.0)
-            fmax = segment_max(free_forces.norm(dim=1), flight.state.system_idx, flight.state.n_systems)
-            summary = torch.stack([energy, fmax]).cpu().numpy()  # the one host read per step
-            results, forces = self._retire(flight, summary, forces, keep)
-            yield from results
-            if flight.entries:
-                flight.state = self.optimizer.step(flight.state, forces.masked_fill(flight.state.fixed[:, None], 0.0))
-                for entry in flight.entries:
-                    entry.n_steps += 1
+        try:
+            while self._refill(flight, waiting):
+                trajectories = torch.tensor([entry.trajectory for entry in flight.entries])
+                energy, forces = self._evaluate(flight.state.structure(), trajectories)
+                if self.on_step is not None:
+                    self.on_step(flight.state.n_systems, len(flight.state.positions))
+                free_forces = forces.masked_fill(flight.state.fixed[:, None], 0.0)
+                fmax = segment_max(free_forces.norm(dim=1), flight.state.system_idx, flight.state.n_systems)
+                summary = torch.stack([energy, fmax]).cpu().numpy()  # the one host read per step
+                results, forces = self._retire(flight, summary, forces, keep)
+                yield from results
+                if flight.entries:
+                    forces = forces.masked_fill(flight.state.fixed[:, None], 0.0)
+                    flight.state = self.optimizer.step(flight.state, forces)
+                    for entry in flight.entries:
+                        entry.n_steps += 1
+        finally:  # also when the consumer stops early or a step raises
+            self.model.end_trajectories(entry.trajectory for entry in flight.entries)
 
     # -- the steps of `run` ----------------------------------------------------------------
     def _refill(self, flight: _Flight, waiting: _Queue) -> bool:
@@ -251,7 +257,7 @@ class BatchedRelaxer:
             self.model.check_elements(np.unique(np.concatenate([t.atomic_numbers for t in joined])))
             fresh = self.optimizer.init(BatchState.from_frames(joined, device=self.device))
             flight.state = fresh if flight.state is None else type(fresh).concat([flight.state, fresh])
-            flight.entries += [_Active(t) for t in joined]
+            flight.entries += [_Active(t, int(k)) for t, k in zip(joined, new_trajectories(len(joined)))]
         return bool(flight.entries)
 
     def _retire(self, flight: _Flight, summary: np.ndarray, forces: torch.Tensor,
@@ -281,6 +287,7 @@ class BatchedRelaxer:
             stay = torch.as_tensor(~finished, device=self.device)
             forces = forces[stay[flight.state.system_idx]]
             flight.state = flight.state.select(stay)
+            self.model.end_trajectories(entry.trajectory for entry, done in zip(flight.entries, finished) if done)
             flight.entries = [entry for entry, done in zip(flight.entries, finished) if not done]
         return results, forces
 
@@ -296,24 +303,29 @@ class BatchedRelaxer:
                 for k, part in zip(indices, parts)}
 
     # -- model evaluation with OOM back-off ----------------------------------------------
-    def _evaluate(self, structure: BatchState) -> tuple[torch.Tensor, torch.Tensor]:
-        """Energy (S,) eV and forces (N,3) eV/A in float64; on out-of-memory, halve `max_systems` and retry."""
+    def _evaluate(self, structure: BatchState, trajectories: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Energy (S,) eV and forces (N,3) eV/A in float64 of the systems of `structure`, the trajectories (S,)
+        (on the host) named to the model; on out-of-memory, halve `max_systems` and retry."""
         n_systems = structure.n_systems
         if n_systems > self.max_systems:
-            return self._evaluate_in_chunks(structure)
+            return self._evaluate_in_chunks(structure, trajectories)
         try:
+            batch = structure.to_batch(dtype=self.dtype)
+            batch.trajectory = trajectories
             with torch.no_grad():
-                out = self.model(structure.to_batch(dtype=self.dtype))
+                out = self.model(batch)
             return out.energy.detach().double(), out.forces.detach().double()
         except OutOfMemoryError:
             if n_systems == 1:
                 raise
             self.max_systems = n_systems // 2
             logger.warning("out of memory with %d systems; batch limit now %d", n_systems, self.max_systems)
-            return self._evaluate_in_chunks(structure)
+            return self._evaluate_in_chunks(structure, trajectories)
 
-    def _evaluate_in_chunks(self, structure: BatchState) -> tuple[torch.Tensor, torch.Tensor]:
+    def _evaluate_in_chunks(self, structure: BatchState, trajectories: torch.Tensor,
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.max_systems
-        chunk = torch.arange(structure.n_systems, device=self.device) // size
-        parts = [self._evaluate(structure.select(chunk == c)) for c in range(-(-structure.n_systems // size))]
+        chunk = torch.arange(structure.n_systems) // size
+        parts = [self._evaluate(structure.select((chunk == c).to(self.device)), trajectories[chunk == c])
+                 for c in range(-(-structure.n_systems // size))]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
