@@ -65,6 +65,11 @@ class Distributed:
         dist.all_gather(parts, tensor.contiguous())
         return torch.stack(parts)
 
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Rank 0's `tensor` on every rank (in place)."""
+        if self.world_size > 1:
+            dist.broadcast(tensor, src=0)
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()

@@ -354,7 +354,7 @@ class Trainer:
         plateau = self.monitor.plateau
         shared = torch.tensor([self.monitor.bad, plateau.reduction if plateau else 1.0], dtype=torch.float64,
                               device=self.device)
-        self.dist.broadcast([shared])
+        self.dist.broadcast(shared)
         self.monitor.bad = int(shared[0])
         if plateau is not None:
             plateau.reduction = float(shared[1])
