@@ -40,6 +40,28 @@ def emt_frames(n: int, *, origin: str = "dft") -> list[Frame]:
     return frames
 
 
+def write_training_data(root: Path, n_frames: int) -> dict[str, str]:
+    """EMT slabs as LMDBs under `root`: 6 DFT, 4 synthetic, the rest for validation, and a painn-tiny
+    teacher checkpoint (seed 1); {"dft", "synthetic", "val", "teacher": path}."""
+    import torch
+
+    from kdaug.data.lmdb import LmdbWriter
+    from kdaug.models import load_model
+
+    frames = emt_frames(n_frames)
+    parts = {"dft": frames[:6], "synthetic": [f.replace(provenance=f.provenance.__class__(origin="synthetic"))
+                                              for f in frames[6:10]], "val": frames[10:]}
+    paths = {}
+    for name, subset in parts.items():
+        with LmdbWriter(root / name) as writer:
+            writer.write_batch(subset)
+        paths[name] = str(root / name)
+    torch.manual_seed(1)
+    load_model("painn-tiny").save(root / "teacher.pt")
+    paths["teacher"] = str(root / "teacher.pt")
+    return paths
+
+
 @pytest.fixture
 def frames() -> list[Frame]:
     return emt_frames(6)

@@ -12,32 +12,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kdaug.data.batch import batch_from_frames
-from kdaug.data.lmdb import LmdbWriter
 from kdaug.models import load_model
 from kdaug.train.config import TrainConfig
 from kdaug.train.distributed import Distributed
 from kdaug.train.strategies import LiveTeacher, build_kd_head, get_strategy
 from kdaug.train.loop import Trainer
 from kdaug.train.student_head import StudentWithHead, unused_parameters
-from tests.conftest import emt_frames
+from tests.conftest import emt_frames, write_training_data
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict[str, str]:
     """6 DFT and 4 synthetic EMT slabs (13 atoms, 9 free each), 2 for validation, a painn-tiny teacher."""
-    root = tmp_path_factory.mktemp("ddp-data")
-    frames = emt_frames(12)
-    parts = {"dft": frames[:6], "synthetic": [f.replace(provenance=f.provenance.__class__(origin="synthetic"))
-                                              for f in frames[6:10]], "val": frames[10:]}
-    paths = {}
-    for name, subset in parts.items():
-        with LmdbWriter(root / name) as writer:
-            writer.write_batch(subset)
-        paths[name] = str(root / name)
-    torch.manual_seed(1)
-    load_model("painn-tiny").save(root / "teacher.pt")
-    paths["teacher"] = str(root / "teacher.pt")
-    return paths
+    return write_training_data(tmp_path_factory.mktemp("ddp-data"), 12)
 
 
 def _weights(trainer: Trainer) -> dict:

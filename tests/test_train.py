@@ -20,7 +20,7 @@ from kdaug.data.lmdb import LmdbWriter
 from kdaug.models import load_model
 from kdaug.train.config import TrainConfig
 from kdaug.train.loop import Trainer, run_train
-from tests.conftest import emt_frames, emt_slab
+from tests.conftest import emt_frames, emt_slab, write_training_data
 from tests.test_cli_data import kdaug
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,18 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def data(tmp_path_factory) -> dict[str, str]:
     """6 DFT (EMT) frames, 4 synthetic ones, 3 for validation, painn-tiny and gemnet-oc-tiny teacher checkpoints."""
     root = tmp_path_factory.mktemp("train-data")
-    frames = emt_frames(13)
-    parts = {"dft": frames[:6], "synthetic": [f.replace(provenance=f.provenance.__class__(origin="synthetic"))
-                                              for f in frames[6:10]], "val": frames[10:]}
-    paths = {}
-    for name, subset in parts.items():
-        with LmdbWriter(root / name) as writer:
-            writer.write_batch(subset)
-        paths[name] = str(root / name)
-    torch.manual_seed(1)
-    teacher = load_model("painn-tiny")
-    teacher.save(root / "teacher.pt")
-    paths["teacher"] = str(root / "teacher.pt")
+    paths = write_training_data(root, 13)
     load_model("gemnet-oc-tiny").save(root / "gemnet.pt")
     paths["gemnet"] = str(root / "gemnet.pt")
     return paths
