@@ -26,6 +26,7 @@ from kdaug.data.run_record import check_input_paths
 from kdaug.data.training_set import TrainingSet, collate
 from kdaug.errors import KdaugError
 from kdaug.models.protocol import AtomisticModel
+from kdaug.models.registry import check_device
 
 ENERGY_THRESHOLD_EV = 0.02
 FORCE_THRESHOLD_EV_PER_ANG = 0.03
@@ -168,14 +169,7 @@ def evaluate(
     if batch_size < 1:
         msg = f"--batch-size {batch_size}: expected a positive number of samples"
         raise KdaugError(msg)
-    try:
-        device = torch.device(device)
-    except RuntimeError as err:
-        msg = f"--device {device}: expected cpu, cuda or cuda:N"
-        raise KdaugError(msg) from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        msg = f"--device {device}: no CUDA device is available here (use --device cpu)"
-        raise KdaugError(msg)
+    device = check_device(device)
     dataset = TrainingSet(dataset_paths, flags=("--data", "--data"))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
     was_training = model.training

@@ -21,6 +21,22 @@ from kdaug.resources import resource_path
 CONFIG_DIR = resource_path("models")
 
 
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`--device` as a torch.device: cpu, cuda or cuda:N, and cuda only where a GPU is; a one-line error otherwise."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        msg = f"--device {device}: expected cpu, cuda or cuda:N"
+        raise KdaugError(msg)
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        msg = f"--device {device}: no CUDA device is available here (use --device cpu)"
+        raise KdaugError(msg)
+    return parsed
+
+
 def available_configs() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yml"))
 
@@ -62,16 +78,7 @@ def load_model(
         model_config_from_checkpoint,
     )
 
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        msg = f"--device {device}: expected cpu, cuda or cuda:N"
-        raise KdaugError(msg)
-    if kind == "cuda" and not torch.cuda.is_available():
-        msg = f"--device {device}: no CUDA device is available here (use --device cpu)"
-        raise KdaugError(msg)
+    check_device(device)
     name = str(name_or_config) if name_or_config is not None else None
     if name == "chgnet":
         from kdaug.models.chgnet import CHGNetModel

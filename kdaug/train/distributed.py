@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kdaug.errors import KdaugError
+from kdaug.models.registry import check_device
 
 
 @dataclass
@@ -28,11 +28,7 @@ class Distributed:
     @classmethod
     def from_environment(cls, device: str) -> Distributed:
         """Single process, or one rank of a torchrun job (gloo on CPU, nccl on CUDA)."""
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise KdaugError(f"--device {device}: no CUDA device is available here (use --device cpu)")
-        if device.type not in ("cpu", "cuda"):
-            raise KdaugError(f"--device {device}: expected cpu or cuda")
+        device = check_device(device)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size == 1:
             return cls(0, 1, device)
