@@ -40,6 +40,17 @@ def emt_frames(n: int, *, origin: str = "dft") -> list[Frame]:
     return frames
 
 
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """An LMDB of 6 EMT-labelled slabs (`emt_frames(6)`), for the commands that read existing frames."""
+    from kdaug.data.lmdb import LmdbWriter
+
+    path = tmp_path_factory.mktemp("source")
+    with LmdbWriter(path) as writer:
+        writer.write_batch(emt_frames(6))
+    return path
+
+
 def write_training_data(root: Path, n_frames: int) -> dict[str, str]:
     """EMT slabs as LMDBs under `root`: 6 DFT, 4 synthetic, the rest for validation, and a painn-tiny
     teacher checkpoint (seed 1); {"dft", "synthetic", "val", "teacher": path}."""

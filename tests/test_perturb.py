@@ -14,7 +14,7 @@ from ase.calculators.emt import EMT
 from kdaug.cli.main import main
 from kdaug.data.batch import batch_from_frames
 from kdaug.data.convert import frame_to_atoms
-from kdaug.data.lmdb import FrameDataset, LmdbWriter
+from kdaug.data.lmdb import FrameDataset
 from kdaug.models import load_model, load_teacher
 from kdaug.perturb.adversarial import (
     AdversarialConfig,
@@ -27,14 +27,6 @@ from kdaug.perturb.adversarial import (
 from kdaug.perturb.rattle import RattleConfig, run_rattle
 from kdaug.state import BatchState
 from tests.conftest import emt_frames
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("source")
-    with LmdbWriter(path) as writer:
-        writer.write_batch(emt_frames(6))
-    return path
 
 
 @pytest.fixture(scope="module")

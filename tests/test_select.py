@@ -12,21 +12,12 @@ import pytest
 import torch
 
 from kdaug.cli.main import main
-from kdaug.data.lmdb import FrameDataset, LmdbWriter
+from kdaug.data.lmdb import FrameDataset
 from kdaug.errors import KdaugError
 from kdaug.models import load_model
 from kdaug.select import Disagreement, SelectConfig, disagreement, run_select
 from kdaug.state import BatchState
 from kdaug.types import Frame
-from tests.conftest import emt_frames
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    path = tmp_path_factory.mktemp("source")
-    with LmdbWriter(path) as writer:
-        writer.write_batch(emt_frames(6))
-    return path
 
 
 @pytest.fixture(scope="module")
