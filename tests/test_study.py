@@ -317,3 +317,62 @@ def test_a_study_over_data_regimes_trains_each_on_its_share_and_scores_against_t
         assert faithful is not None and faithful > 0
     assert rows["student"]["steps"]["mean"] == 3 and rows["student"]["plateaued"] == [None]  # validated once
     assert "force MAE vs teacher" in (out / "results.md").read_text()
+
+
+def test_arm_table_pivots_gap_closed_by_data_arm_and_regime():
+    from kdaug.study.table import arm_table
+
+    def row(label: str, energy: list[float], forces: list[float], plateaued: bool = True) -> dict:
+        return {"label": label, "plateaued": [plateaued] * len(energy),
+                "gap_closed_pct": {"energy_mae_mev": {"mean": sum(energy) / len(energy), "std": 1.0},
+                                   "force_mae_mev_per_ang": {"mean": sum(forces) / len(forces), "std": 2.0}}}
+
+    rows = [{"label": "student"}, row("generate a=0.5 x1", [10, 30], [-5, -5]),
+            row("generate a=0.5 x1 f=0.25", [60, 40], [25, 35], plateaued=False), row("rattle x1 f=0", [-7], [8])]
+    placement = {"generate a=0.5 x1": ("generate a=0.5", 1.0, 1.0),
+                 "generate a=0.5 x1 f=0.25": ("generate a=0.5", 0.25, 1.0), "rattle x1 f=0": ("rattle", 0.0, 1.0)}
+    assert arm_table(rows, placement).splitlines() == [
+        "| data arm | synthetic scale | dft_fraction 1 | dft_fraction 0.25 | dft_fraction 0 |",
+        "|---|---|---|---|---|",
+        "| generate a=0.5 | x1 | +20 ± 1 / -5 ± 2 | +50 ± 1 / +30 ± 2* | n/a |",
+        "| rattle | x1 | n/a | n/a | -7 ± 1 / +8 ± 2 |"]
+
+
+def test_study_data_arms_onpolicy_and_disagreement_use_the_baseline_student(study_yaml, tmp_path):
+    import numpy as np
+
+    from kdaug.data.lmdb import FrameDataset
+    from kdaug.data.run_record import sha256_of
+
+    config = load_config(StudyConfig, [study_yaml], {
+        "out": str(tmp_path / "out"), "seeds": (0,), "strategies": (), "cka.enabled": False,
+        "extra.rattle_copies": 0, "extra.generate_systems": 3, "extra.generate_max_steps": 4,
+        "extra.generate_frame_fraction": 1.0, "extra.onpolicy_systems": 2, "extra.disagreement_keep": 0.5,
+        "data.generate.adsorbate_ids": (0, 1), "regimes.synthetic_scale": (0.5, 1.0)})
+    report = run_study(config, progress=False)
+    out = Path(config.out)
+    rows = {row["label"]: row for row in report["tables"]["val"]}
+    assert list(rows) == ["teacher", "student"] + [f"{arm} a=0.5 x{scale}" for arm in
+                                                   ("generate", "onpolicy", "disagreement") for scale in ("0.5", "1")]
+    baseline = out / "runs" / "student" / "seed0" / "student.pt"
+    driven = FrameDataset(out / "data" / "onpolicy")
+    assert json.loads((out / "data" / "onpolicy" / "done.json").read_text())["config"]["driver"] == str(baseline)
+    details = driven.frame(0).provenance.details
+    assert details["driver_sha256"] == sha256_of(baseline) and driven.frame(0).provenance.teacher is not None
+    assert {driven.frame(i).sid for i in range(len(driven))} <= {
+        f.sid for f in FrameDataset(out / "data" / "generate").iter_frames()}  # generate's first systems
+
+    pool = len(FrameDataset(out / "data" / "generate"))
+    for scale, count in ((0.5, 4), (1.0, 8)):  # x the 8 ground-truth frames, at most the pool
+        folder = out / "data" / "regimes" / f"disagreement-f1-x{scale:g}"
+        selection = np.load(folder / "selection.npz")
+        kept = min(count, pool)
+        assert len(FrameDataset(folder)) == kept == len(selection["kept"])
+        scores = selection["scores"]
+        assert scores[selection["kept"]].min() >= np.delete(scores, selection["kept"]).max(initial=-np.inf)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert sha256_of(baseline) in json.dumps(manifest)
+        assert len(FrameDataset(out / "data" / "regimes" / f"generate-f1-x{scale:g}")) == kept  # random, same count
+    md = (out / "results.md").read_text()
+    assert "| disagreement a=0.5 | x0.5 |" in md and "| onpolicy a=0.5 | x1 |" in md
+    assert (out / "gap_vs_scale.png").stat().st_size > 0

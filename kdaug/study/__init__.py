@@ -11,7 +11,8 @@ Study folder (`out`)::
 
     out/
       data/dft-train, dft-val     the generated ground truth (when data.generate asks for it)
-      data/generate, rattle/...   synthetic data made with the trained teacher
+      data/generate, rattle/...   synthetic data made with the trained teacher (the data arms: generate,
+                                  rattle, adversarial, onpolicy; disagreement selects from generate)
       data/regimes/               the students' share of the ground truth and the scaled synthetic subsets
       data/teacher-val/<set>/     each held-out set labelled by the teacher (student-vs-teacher MAE)
       teacher/                    the teacher's kdaug train run (+ result.json)
@@ -19,6 +20,7 @@ Study folder (`out`)::
                                   result.json (written last: the run is finished)
       results.md, results.json    the table per validation set (mean, spread, gap closed)
       gap_closed.png              gap closed per run and metric
+      gap_vs_scale.png            gap closed against regimes.synthetic_scale per data arm and regime
       learning_curves.png         validation MAEs against step for every run
       cka/                        teacher-student CKA of the baseline and each run's gain over it
 

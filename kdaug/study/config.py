@@ -100,7 +100,10 @@ KdLambdas = make_dataclass(
 @dataclass(frozen=True, kw_only=True)
 class ExtraData:
     """Synthetic data made by the study with its trained teacher; each enabled source x mix ratio x r_s/dft x
-    KD mode is one more student run."""
+    KD mode is one more student run. The sources (data arms): generate (teacher relaxations, d1M-style), rattle,
+    adversarial, onpolicy (relaxations driven by the baseline student) and disagreement (generate's frames the
+    baseline student gets most wrong). Adversarial, onpolicy and disagreement use the first seed's baseline
+    student of the largest dft_fraction."""
 
     generate_systems: int = option(0, help="systems relaxed by the teacher (kdaug generate; 0: off)")
     generate_max_steps: int = option(100, help="teacher relaxation steps per system at most")
@@ -109,6 +112,12 @@ class ExtraData:
     rattle_sigma: float = option(0.05, help="rattle noise", unit="Angstrom")
     adversarial_steps: int = option(0, help="attack steps against the baseline student (kdaug adversarial; 0: off)")
     adversarial_alpha: float = option(0.01, help="attack step size", unit="Angstrom per unit gradient")
+    onpolicy_systems: int = option(
+        0, help="systems relaxed by the baseline student's forces and labelled by the teacher (kdaug generate "
+                "--driver; the first of generate's systems, same steps and frame share; 0: off)")
+    disagreement_keep: float = option(
+        0.0, help="share of the generate frames kept where the baseline student disagrees most with the teacher "
+                  "(kdaug select; with regimes.synthetic_scale the scale's frame count instead; 0: off)")
     mix_ratios: tuple[float, ...] = option((0.5,), help="alpha_target values (share of synthetic samples)")
     rs_dft: tuple[float, ...] = option((1.0,), help="r = w_s / w_dft values")
     kd: tuple[KdName, ...] = option(("none",), help="KD modes trained with the extra data")
@@ -118,6 +127,10 @@ class ExtraData:
             (self.generate_systems >= 0, "generate_systems", "0 (off) or more"),
             (self.rattle_copies >= 0, "rattle_copies", "0 (off) or more"),
             (self.adversarial_steps >= 0, "adversarial_steps", "0 (off) or more"),
+            (self.onpolicy_systems >= 0, "onpolicy_systems", "0 (off) or more"),
+            (0 <= self.disagreement_keep <= 1, "disagreement_keep", "a share in [0, 1] (0: off)"),
+            (not self.disagreement_keep or self.generate_systems > 0, "disagreement_keep",
+             "generate_systems > 0 (the frames it selects from)"),
             (all(0 <= a <= 1 for a in self.mix_ratios), "mix_ratios", "values in [0, 1]"),
             (all(r > 0 for r in self.rs_dft), "rs_dft", "positive ratios"),
         ])

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from kdaug.study.config import StudyConfig
 from kdaug.train.strategies import STRATEGIES, KDStrategy
 
-SOURCES = ("generate", "rattle", "adversarial")
+SOURCES = ("generate", "rattle", "adversarial", "onpolicy", "disagreement")  # the data arms
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class RunSpec:
     label: str
     seed: int
     kd: str = "none"  # the --kd value
-    source: str | None = None  # synthetic data from the study's teacher: generate | rattle | adversarial
+    source: str | None = None  # synthetic data from the study's teacher: one of SOURCES
     mix_ratio: float | None = None
     rs_dft: float | None = None
     online_rattle: float | None = None
@@ -32,6 +32,7 @@ class RunSpec:
     dft_fraction: float = 1.0  # share of the ground-truth training systems the run sees (0: synthetic data only)
     synthetic_scale: float | None = None  # synthetic frames per ground-truth frame (None: all that were made)
     baseline: str = "student"  # label of the baseline run this one is compared with
+    arm: str | None = None  # a synthetic-data run's label without its regime and scale (one line per arm in plots)
 
     @property
     def folder(self) -> str:
@@ -86,12 +87,11 @@ def regime_suffix(fraction: float) -> str:
 def _arms(config: StudyConfig, supported, fraction: float) -> list[dict]:
     """The runs of one regime (labels without the regime suffix)."""
     extra = config.extra
-    sources = [name for name, on in zip(SOURCES, (extra.generate_systems, extra.rattle_copies,
-                                                  extra.adversarial_steps)) if on]
+    sources = [name for name in SOURCES if source_enabled(config, name)]
     scales = config.regimes.synthetic_scale or (None,)
     if fraction == 0:  # synthetic data alone: no ground truth to mix with, weigh or distil on
         return [{"label": source + _scale_suffix(scale) + _kd_suffix(mode), "kd": mode, "source": source,
-                 "synthetic_scale": scale}
+                 "synthetic_scale": scale, "arm": source + _kd_suffix(mode)}
                 for source in sources for scale in scales for mode in extra.kd if supported(mode)]
     arms: list[dict] = [{"label": BASELINE}]
     arms += [{"label": mode, "kd": mode} for mode in config.strategies
@@ -102,10 +102,10 @@ def _arms(config: StudyConfig, supported, fraction: float) -> list[dict]:
                 for scale in scales:
                     for mode in extra.kd:
                         if supported(mode):
-                            label = (f"{source} a={alpha:g}" + (f" r={r:g}" if r != 1 else "") + _scale_suffix(scale)
-                                     + _kd_suffix(mode))
+                            mix = f"{source} a={alpha:g}" + (f" r={r:g}" if r != 1 else "")
+                            arm, label = mix + _kd_suffix(mode), mix + _scale_suffix(scale) + _kd_suffix(mode)
                             arms.append({"label": label, "kd": mode, "source": source, "mix_ratio": alpha,
-                                         "rs_dft": r, "synthetic_scale": scale})
+                                         "rs_dft": r, "synthetic_scale": scale, "arm": arm})
     online = config.online
     for kind, values in (("rattle", online.rattle), ("adversarial", online.adversarial)):
         for value in values:
@@ -114,6 +114,14 @@ def _arms(config: StudyConfig, supported, fraction: float) -> list[dict]:
                     arms.append({"label": f"online {kind} {value:g}" + _kd_suffix(mode), "kd": mode,
                                  f"online_{kind}": value, "online_share": online.share})
     return arms
+
+
+def source_enabled(config: StudyConfig, source: str) -> bool:
+    """Whether the study config asks for the synthetic data `source` (one of SOURCES)."""
+    extra = config.extra
+    return bool({"generate": extra.generate_systems, "rattle": extra.rattle_copies,
+                 "adversarial": extra.adversarial_steps, "onpolicy": extra.onpolicy_systems,
+                 "disagreement": extra.disagreement_keep}[source])
 
 
 def _scale_suffix(scale: float | None) -> str:

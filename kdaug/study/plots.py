@@ -74,3 +74,33 @@ def plot_learning_curves(run_logs: Mapping[str, Sequence[Path]], teacher_log: Pa
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def plot_gap_vs_scale(rows: Sequence[Mapping], placement: Mapping[str, tuple[str, float, float | None]], png: Path,
+                      *, title: str) -> None:
+    """Energy and force gap closed (%) against synthetic_scale, one line per data arm with the seed spread as
+    error bars, one row of panels per dft_fraction. `placement`: {label: (arm, dft_fraction, synthetic_scale)}
+    of the synthetic-data runs of `rows` (one validation set's table)."""
+    plt = _pyplot()
+    by_label = {row["label"]: row for row in rows if "gap_closed_pct" in row}
+    fractions = sorted({fraction for _, fraction, _ in placement.values()}, reverse=True)
+    fig, axes = plt.subplots(len(fractions), 2, figsize=(11, 3.6 * len(fractions)), squeeze=False)
+    for axes_row, fraction in zip(axes, fractions):
+        lines: dict[str, list[tuple[float, Mapping]]] = {}
+        for label, (arm, f, scale) in placement.items():
+            if f == fraction and scale is not None and label in by_label:
+                lines.setdefault(arm, []).append((scale, by_label[label]["gap_closed_pct"]))
+        for ax, key in zip(axes_row, ("energy_mae_mev", "force_mae_mev_per_ang")):
+            for arm, points in lines.items():
+                points.sort(key=lambda point: point[0])
+                stats = [gaps[key] for _, gaps in points]
+                ax.errorbar([scale for scale, _ in points], [s["mean"] for s in stats],
+                            yerr=[s["std"] or 0.0 for s in stats], marker="o", capsize=3, label=arm)
+            ax.axhline(0, color="black", linewidth=0.8)
+            ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
+            ax.set(xscale="log", xlabel="synthetic frames per ground-truth frame",
+                   ylabel=f"{_COLUMNS[key]}: gap closed (%)", title=f"{title}: dft_fraction {fraction:g}")
+        axes_row[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

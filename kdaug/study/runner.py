@@ -38,11 +38,12 @@ from kdaug.perturb.adversarial import AdversarialConfig, run_adversarial
 from kdaug.perturb.rattle import RattleConfig, run_rattle
 from kdaug.perturb.relabel import RelabelConfig, run_relabel
 from kdaug.resources import resource_path
+from kdaug.select import SelectConfig, run_select
 from kdaug.study.config import Budget, StudyConfig
 from kdaug.study.convergence import monitored_curve, plateaued
 from kdaug.study.plan import BASELINE, RunSpec, plan_runs, regime_suffix, slug
-from kdaug.study.plots import plot_gap_closed, plot_learning_curves
-from kdaug.study.table import markdown_table, table_rows
+from kdaug.study.plots import plot_gap_closed, plot_gap_vs_scale, plot_learning_curves
+from kdaug.study.table import arm_table, markdown_table, table_rows
 from kdaug.train.strategies import STRATEGIES, check_pair
 from kdaug.train.config import TrainConfig
 from kdaug.train.loop import run_train
@@ -118,18 +119,22 @@ class Study:
         return tuple(train), val
 
     def synthetic(self, source: str, train: Sequence[str], teacher_ckpt: str) -> tuple[str, ...]:
-        """The synthetic LMDBs of `source` (generate | rattle | adversarial), made once with the trained teacher."""
+        """The synthetic LMDBs of `source` (one of plan.SOURCES), made once with the trained teacher
+        (disagreement: generate's frames, selected in `scaled_synthetic`)."""
         config, extra = self.config, self.config.extra
         teacher = {"teacher": config.teacher.model, "checkpoint": teacher_ckpt, "device": config.device}
-        folder = self.out / "data" / source
-        if source == "generate":
+        if source in ("generate", "onpolicy", "disagreement"):
             gen = config.data.generate
-            bulks = self._bulks_like(train)
-            return (self._make("extra.generate_systems", GenerateConfig(
-                n_systems=extra.generate_systems, out=str(folder), seed=gen.seed + 2, bulk_db=bulks,
-                adsorbate_ids=gen.adsorbate_ids, max_miller=gen.max_miller, fmax=gen.fmax,
-                max_steps=extra.generate_max_steps, frame_fraction=extra.generate_frame_fraction,
-                num_workers=0, **teacher), run_generate),)
+            driven = source == "onpolicy"
+            folder = self.out / "data" / ("onpolicy" if driven else "generate")
+            options = {"n_systems": extra.onpolicy_systems, "driver": self.baseline_student()} if driven else {
+                "n_systems": extra.generate_systems}
+            return (self._make("extra.onpolicy_systems" if driven else "extra.generate_systems", GenerateConfig(
+                out=str(folder), seed=gen.seed + 2, bulk_db=self._bulks_like(train), adsorbate_ids=gen.adsorbate_ids,
+                max_miller=gen.max_miller, fmax=gen.fmax, max_steps=extra.generate_max_steps,
+                frame_fraction=extra.generate_frame_fraction, num_workers=0, **options, **teacher), run_generate,
+                moved=frozenset({"driver"})),)
+        folder = self.out / "data" / source
         paths = []
         for i, path in enumerate(train):
             part = str(folder / f"part{i}")
@@ -138,12 +143,16 @@ class Study:
                     input=path, out=part, sigma=extra.rattle_sigma, copies=extra.rattle_copies, **teacher),
                     run_rattle))
             else:
-                largest = BASELINE + regime_suffix(config.regimes.largest)
-                baseline = self.out / RunSpec(largest, config.seeds[0]).folder / "student.pt"
                 paths.append(self._make("extra.adversarial_steps", AdversarialConfig(
-                    input=path, out=part, student=str(baseline), steps=extra.adversarial_steps,
+                    input=path, out=part, student=self.baseline_student(), steps=extra.adversarial_steps,
                     alpha=extra.adversarial_alpha, **teacher), run_adversarial))
         return tuple(paths)
+
+    def baseline_student(self) -> str:
+        """student.pt of the first seed's baseline in the largest dft_fraction: the student that adversarial
+        attacks, that drives on-policy relaxations and whose disagreement with the teacher selects frames."""
+        largest = BASELINE + regime_suffix(self.config.regimes.largest)
+        return str(self.out / RunSpec(largest, self.config.seeds[0]).folder / "student.pt")
 
     def student_train(self, train: Sequence[str], fraction: float, val: dict[str, str]) -> tuple[str, ...]:
         """The ground truth of the regime `fraction` (0 < fraction <= 1): that share of the training systems, drawn
@@ -159,14 +168,24 @@ class Study:
 
     def scaled_synthetic(self, source: str, paths: tuple[str, ...], scale: float | None, fraction: float,
                          dft: Sequence[str]) -> tuple[str, ...]:
-        """`scale` x the frames of `dft` (the regime's ground truth, or the whole training set at fraction 0) drawn
-        from the synthetic set `paths` with regimes.seed (all of it when it holds fewer; scale None: all)."""
-        if scale is None:
+        """`scale` x the frames of `dft` (the regime's ground truth, or the whole training set at fraction 0) from
+        the synthetic set `paths` (all of it when it holds fewer; scale None: all): a random draw with regimes.seed,
+        or for disagreement the frames the baseline student gets most wrong (scale None: extra.disagreement_keep
+        of them)."""
+        if scale is None and source != "disagreement":
             return paths
-        frames = round(scale * sum(len(FrameDataset(path)) for path in dft))
-        folder = self.out / "data" / "regimes" / f"{source}-f{fraction:g}-x{scale:g}"
-        return (self._make("regimes.synthetic_scale", SubsetConfig(
-            inputs=paths, out=str(folder), frames=frames, seed=self.config.regimes.seed), run_subset),)
+        pool = sum(len(FrameDataset(path)) for path in paths)
+        frames = None if scale is None else min(pool, round(scale * sum(len(FrameDataset(path)) for path in dft)))
+        folder = self.out / "data" / "regimes" / (f"{source}-f{fraction:g}" + ("" if scale is None else f"-x{scale:g}"))
+        option = "regimes.synthetic_scale" if scale is not None else "extra.disagreement_keep"
+        if source == "disagreement":
+            (pool_path,) = paths
+            return (self._make(option, SelectConfig(
+                input=pool_path, out=str(folder), keep=self.config.extra.disagreement_keep if frames is None
+                else frames, by="disagreement", student=self.baseline_student(), device=self.config.device),
+                run_select, moved=frozenset({"input", "out", "student"})),)
+        return (self._make(option, SubsetConfig(inputs=paths, out=str(folder), frames=frames,
+                                                seed=self.config.regimes.seed), run_subset),)
 
     def teacher_labelled(self, val: dict[str, str], teacher_ckpt: str, teacher_sha256: str | None) -> dict[str, str]:
         """{validation set name: a copy labelled by the teacher}, made once: students are also scored against it.
@@ -357,12 +376,19 @@ class Study:
                  "against the teacher's labels on the held-out set.",
                  f"Commit {report['commit'] or 'unknown'}; this invocation took {report['wall_seconds'] / 60:.1f} min "
                  f"(device {config.device})."]
+        placement = {spec.label: (spec.arm, spec.dft_fraction, spec.synthetic_scale) for spec in runs if spec.arm}
         for name, rows in tables.items():
             lines += ["", f"## Validation set: {name} ({val[name]})", "", markdown_table(rows)]
+            if placement:
+                lines += ["", "Gap closed by data arm and regime, energy MAE / force MAE (mean ± std % over seeds; "
+                          "`*`: a run had not plateaued):", "", arm_table(rows, placement)]
         if skipped:
             lines += ["", "Skipped: " + "; ".join(f"{s['strategy']} ({s['reason']})" for s in skipped)]
         (self.out / "results.md").write_text("\n".join(lines) + "\n")
         plot_gap_closed(tables, self.out / "gap_closed.png", title=config.name)
+        if any(scale is not None for _, _, scale in placement.values()):
+            name = next(iter(tables))
+            plot_gap_vs_scale(tables[name], placement, self.out / "gap_vs_scale.png", title=f"{config.name}: {name}")
         logs: dict[str, list[Path]] = {}
         for spec in runs:
             logs.setdefault(spec.label, []).append(self.out / spec.folder / "log.jsonl")

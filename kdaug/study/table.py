@@ -114,3 +114,26 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
         lines += ["", "\\* not plateaued: in a run of this row the last 20 % of validations still improved the "
                   "monitored metric by 2 % or more (or it validated fewer than twice); its result is not final."]
     return "\n".join(lines)
+
+
+def arm_table(rows: Sequence[Mapping], placement: Mapping[str, tuple[str, float, float | None]]) -> str:
+    """A Markdown table of gap closed by data arm (rows, with their synthetic scale) x data regime (columns),
+    "energy / forces" mean ± std % per cell. `placement`: {label: (arm, dft_fraction, synthetic_scale)} of the
+    synthetic-data runs (other rows are left out)."""
+    by_label = {row["label"]: row for row in rows}
+    fractions = sorted({fraction for _, fraction, _ in placement.values()}, reverse=True)
+    cells: dict[tuple[str, float | None], dict[float, str]] = {}
+    for label, (arm, fraction, scale) in placement.items():
+        row = by_label.get(label, {})
+        gaps = row.get("gap_closed_pct")
+        if gaps is None:
+            continue
+        mark = "*" if not_plateaued(row) else ""
+        cells.setdefault((arm, scale), {})[fraction] = (
+            f"{_cell(gaps['energy_mae_mev'], '+.0f')} / {_cell(gaps['force_mae_mev_per_ang'], '+.0f')}{mark}")
+    lines = ["| data arm | synthetic scale | " + " | ".join(f"dft_fraction {f:g}" for f in fractions) + " |",
+             "|" + "---|" * (len(fractions) + 2)]
+    for (arm, scale), by_fraction in cells.items():
+        lines.append(f"| {arm} | {'all' if scale is None else f'x{scale:g}'} | "
+                     + " | ".join(by_fraction.get(f, "n/a") for f in fractions) + " |")
+    return "\n".join(lines)
