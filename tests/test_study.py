@@ -166,6 +166,10 @@ def test_a_killed_study_resumes_and_a_finished_one_retrains_nothing(study_yaml):
         assert (out / png).stat().st_size > 0
     synthetic = json.loads((out / "runs" / "rattle_a0.5" / "seed0" / "config.json").read_text())
     assert synthetic["mix_ratio"] == 0.5 and synthetic["synthetic"] == [str(out / "data" / "rattle" / "part0")]
+    kd_run = json.loads((out / "runs" / "n2n" / "seed0" / "config.json").read_text())  # targets read, not recomputed
+    cache = out / "data" / "teacher-cache" / "n2n"
+    assert kd_run["teacher_cache"] == str(cache) and len(list(cache.glob("*.lmdb"))) == 1  # the one DFT set
+    assert json.loads((cache / "cache.json").read_text())["dtype"] == "float32"
     assert any("val" in json.loads(line) for line in (out / "runs/n2n/seed1/log.jsonl").read_text().splitlines())
 
     if interrupted:  # the killed run went on from its checkpoint

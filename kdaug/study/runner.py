@@ -46,6 +46,7 @@ from kdaug.study.plots import plot_gap_closed, plot_gap_vs_scale, plot_learning_
 from kdaug.study.table import arm_table, markdown_table, table_rows
 from kdaug.train.strategies import STRATEGIES, check_pair
 from kdaug.train.config import TrainConfig
+from kdaug.train.teacher_cache import TeacherCacheConfig, run_teacher_cache
 from kdaug.train.loop import run_train
 
 logger = logging.getLogger(__name__)
@@ -186,6 +187,17 @@ class Study:
                 run_select, moved=frozenset({"input", "out", "student"})),)
         return (self._make(option, SubsetConfig(inputs=paths, out=str(folder), frames=frames,
                                                 seed=self.config.regimes.seed), run_subset),)
+
+    def teacher_cache(self, kd: str, teacher_ckpt: str, paths: Sequence[str]) -> str:
+        """data/teacher-cache/<kd>: the teacher's targets for `kd` on `paths` (a run's training then synthetic
+        LMDBs), computed once per dataset (kdaug teacher-cache; float32, so a run reads what a live teacher gives)
+        instead of a teacher forward in every training step."""
+        folder = self.out / "data" / "teacher-cache" / kd
+        run_teacher_cache(TeacherCacheConfig(teacher=self.config.teacher.model, checkpoint=teacher_ckpt,
+                                             data=tuple(paths), kd=kd, out=str(folder), dtype="float32",
+                                             batch_size=self.config.eval_batch_size, device=self.config.device),
+                          progress=self.progress)
+        return str(folder)
 
     def teacher_labelled(self, val: dict[str, str], teacher_ckpt: str, teacher_sha256: str | None) -> dict[str, str]:
         """{validation set name: a copy labelled by the teacher}, made once: students are also scored against it.
@@ -336,6 +348,9 @@ class Study:
                                                              spec.synthetic_scale, spec.dft_fraction, dft or train)
             if not dft:  # dft_fraction 0: the synthetic data is all the run trains on
                 dft = changes.pop("synthetic")
+            if spec.strategy.uses_teacher and spec.online_rattle is None and spec.online_adversarial is None:
+                changes["teacher_cache"] = self.teacher_cache(spec.kd, teacher_ckpt,
+                                                              (*dft, *changes.get("synthetic", ())))
             train_config = self.train_config(config.student.model, config.student.train, self.out / spec.folder,
                                              spec.seed, dft, first_val, **changes)
             results.setdefault(spec.label, {})[spec.seed] = self.train_and_evaluate(
