@@ -98,7 +98,11 @@ def plot_gap_vs_scale(rows: Sequence[Mapping], placement: Mapping[str, tuple[str
                             yerr=[s["std"] or 0.0 for s in stats], marker="o", capsize=3, label=arm)
             ax.axhline(0, color="black", linewidth=0.8)
             ax.axhline(100, color="grey", linewidth=0.8, linestyle="--")
-            ax.set(xscale="log", xlabel="synthetic frames per ground-truth frame",
+            scales = sorted({scale for points in lines.values() for scale, _ in points})
+            ax.set_xscale("log")
+            ax.set_xticks(scales, [f"{scale:g}" for scale in scales])
+            ax.minorticks_off()
+            ax.set(xlabel="synthetic frames per ground-truth frame",
                    ylabel=f"{_COLUMNS[key]}: gap closed (%)", title=f"{title}: dft_fraction {fraction:g}")
         axes_row[1].legend(fontsize=8)
     fig.tight_layout()
