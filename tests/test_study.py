@@ -380,3 +380,11 @@ def test_study_data_arms_onpolicy_and_disagreement_use_the_baseline_student(stud
     md = (out / "results.md").read_text()
     assert "| disagreement a=0.5 | x0.5 |" in md and "| onpolicy a=0.5 | x1 |" in md
     assert (out / "gap_vs_scale.png").stat().st_size > 0
+
+    # a baseline student with other weights makes its data stale: refused, not reused
+    from kdaug.errors import KdaugError
+
+    baseline.write_bytes((out / "teacher" / "student.pt").read_bytes())
+    with pytest.raises(KdaugError, match=r"^extra.onpolicy_systems: .*/onpolicy was made with other options; "
+                                         r"delete it .*student_sha256"):
+        run_study(config, progress=False)

@@ -24,6 +24,7 @@ from kdaug.data.run_record import (
     make_output_dir,
     option_differences,
     read_json,
+    sha256_of,
     to_json,
     write_json,
 )
@@ -69,13 +70,17 @@ class Study:
         self.started = time.perf_counter()
 
     # -- data ---------------------------------------------------------------------------
-    def _make(self, option: str, config, make, *, moved: frozenset[str] = frozenset()) -> str:
+    def _make(self, option: str, config, make, *, moved: frozenset[str] = frozenset(),
+              student: str | None = None) -> str:
         """Run (or resume) one generator `make(config, progress=)` into `config.out` once: done.json records the
-        options and counts; a folder made with other options (outside `moved`: paths that follow a moved study
-        folder), or holding no frames, is a one-line error naming the study `option`."""
+        options and counts (and the sha256 of the `student` checkpoint the data depends on, the baseline student);
+        a folder made with other options (outside `moved`: paths that follow a moved study folder) or another
+        student, or holding no frames, is a one-line error naming the study `option`."""
         folder = Path(config.out)
         done = folder / "done.json"
         options = to_json(config)
+        if student is not None:
+            options["student_sha256"] = sha256_of(student)
         if done.is_file():
             record = _record(done, ("config", "counts"))
             differences = option_differences(record["config"], options, moved)
@@ -134,7 +139,7 @@ class Study:
                 out=str(folder), seed=gen.seed + 2, bulk_db=self._bulks_like(train), adsorbate_ids=gen.adsorbate_ids,
                 max_miller=gen.max_miller, fmax=gen.fmax, max_steps=extra.generate_max_steps,
                 frame_fraction=extra.generate_frame_fraction, num_workers=0, **options, **teacher), run_generate,
-                moved=frozenset({"driver"})),)
+                moved=frozenset({"driver"}), student=options.get("driver")),)
         folder = self.out / "data" / source
         paths = []
         for i, path in enumerate(train):
@@ -146,7 +151,7 @@ class Study:
             else:
                 paths.append(self._make("extra.adversarial_steps", AdversarialConfig(
                     input=path, out=part, student=self.baseline_student(), steps=extra.adversarial_steps,
-                    alpha=extra.adversarial_alpha, **teacher), run_adversarial))
+                    alpha=extra.adversarial_alpha, **teacher), run_adversarial, student=self.baseline_student()))
         return tuple(paths)
 
     def baseline_student(self) -> str:
@@ -184,7 +189,7 @@ class Study:
             return (self._make(option, SelectConfig(
                 input=pool_path, out=str(folder), keep=self.config.extra.disagreement_keep if frames is None
                 else frames, by="disagreement", student=self.baseline_student(), device=self.config.device),
-                run_select, moved=frozenset({"input", "out", "student"})),)
+                run_select, moved=frozenset({"input", "out", "student"}), student=self.baseline_student()),)
         return (self._make(option, SubsetConfig(inputs=paths, out=str(folder), frames=frames,
                                                 seed=self.config.regimes.seed), run_subset),)
 
