@@ -31,6 +31,7 @@ from torch_geometric.data import Batch
 
 from kdaug.data.run_record import sha256_of
 from kdaug.errors import KdaugError
+from kdaug.models.graph_cache import GraphCache
 from kdaug.models.output_transform import OutputTransform
 from kdaug.models.protocol import AtomisticModel, EdgeFeatures, ModelOutput
 
@@ -56,6 +57,8 @@ _TAP_LAYER: dict[str, Callable[[nn.Module], str]] = {
     "schnet": lambda m: f"layer{len(m.interactions) - 1}",
     "gemnet_oc": lambda m: "x_E",
 }
+_SINGLE_GRAPH = ("painn", "schnet")  # models whose forward builds one radius graph, with the module's cutoff
+CACHED_STRUCTURES = 16384  # graphs kept by cache_graphs (about 20 kB each for 80 atoms)
 _N_ELEMENTS = {"painn": 83, "gemnet_oc": 83, "schnet": 99}
 OC20_CHECKPOINTS_HINT = (
     "OC20 checkpoints are published by fairchem (see fairchem.core.models.model_registry"
@@ -113,6 +116,16 @@ class FairchemModel(AtomisticModel):
         self.supported_elements = frozenset(range(1, _N_ELEMENTS[model_name] + 1))
         self.output_transform = OutputTransform()
         self.atom_energy_sums_to_energy = getattr(module, "extensive", True)  # GemNet-OC may average instead
+        # PaiNN and SchNet read one periodic graph with the module's cutoff: built per structure here
+        # (GemNet-OC builds several graphs of its own)
+        self.graph_cache = (GraphCache(module.cutoff, module.max_neighbors,
+                                       getattr(module, "enforce_max_neighbors_strictly", True))
+                            if model_name in _SINGLE_GRAPH and module.use_pbc else None)
+
+    def cache_graphs(self) -> None:
+        """Keep each structure's radius graph (`kdaug.models.graph_cache`) for the next call on it."""
+        if self.graph_cache is not None:
+            self.graph_cache.max_structures = CACHED_STRUCTURES
 
     @property
     def conservative(self) -> bool:
@@ -155,6 +168,18 @@ class FairchemModel(AtomisticModel):
             if original is not None:
                 del self.module.get_graphs_and_indices
 
+    @contextlib.contextmanager
+    def _graph_given(self, given: bool) -> Iterator[None]:
+        """fairchem reads batch.edge_index, cell_offsets and neighbors instead of building the graph."""
+        if not given:
+            yield
+            return
+        self.module.otf_graph = False
+        try:
+            yield
+        finally:
+            self.module.otf_graph = True
+
     @property
     def layer_names(self) -> tuple[str, ...]:
         """Names of the interaction-block outputs `layer_features` returns, input to output."""
@@ -191,7 +216,9 @@ class FairchemModel(AtomisticModel):
         # forces and gradients are unchanged.
         batch = batch.clone()
         batch.pos = wrap_positions(batch.pos, batch.cell, batch.batch)
-        with self._recording(taps) as recorded:
+        if self.graph_cache is not None:
+            batch.edge_index, batch.cell_offsets, batch.neighbors = self.graph_cache.graph(batch)
+        with self._recording(taps) as recorded, self._graph_given(self.graph_cache is not None):
             out = self.module(batch)
         transform = self.output_transform
         result = {}

@@ -124,6 +124,10 @@ class AtomisticModel(nn.Module, abc.ABC):
     def end_trajectories(self, ids: Iterable[int]) -> None:
         """Drop what this model keeps for these trajectories; a model that keeps nothing ignores it."""
 
+    def cache_graphs(self) -> None:
+        """Keep each structure's neighbour graph for later calls on the same structure (a trainer's epochs);
+        outputs stay the same. A model that builds no graph of its own ignores it."""
+
     def forward(self, batch: Batch, taps: Iterable[str] = ()) -> ModelOutput:
         taps = self.check_taps(taps)
         self.check_elements(batch.atomic_numbers.unique().tolist())

@@ -99,6 +99,9 @@ class Trainer:
         self.strategy = config.strategy
         self.student = load_student(config, self.device)
         self.teacher, self.source = self._teacher_source()
+        for model in (self.student, self.teacher):  # the same structures come back every epoch
+            if model is not None:
+                model.cache_graphs()
         self.head = self._kd_head()
         self.kd_lambda = self._kd_lambda()
         self.loss_weights = LossWeights(config.energy_coefficient, config.force_coefficient)
