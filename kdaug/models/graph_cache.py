@@ -38,20 +38,26 @@ class GraphCache:
         """(edge_index (2, E) long, cell_offsets (E, 3) in pos's dtype, neighbors (S,) long) for `batch`,
         the inputs fairchem's `generate_graph` reads with otf_graph off."""
         starts = torch.cumsum(batch.natoms, 0) - batch.natoms
-        pieces = [self._structure(batch, i, int(start), int(n))
+        pbc = batch.pbc.view(-1, 3) if "pbc" in batch else None
+        # keys are hashed from one host copy of the batch (a single device sync, not one per structure)
+        host = [t.detach().cpu() if t is not None else None
+                for t in (batch.atomic_numbers, batch.pos, batch.cell, pbc)] if self.max_structures else None
+        pieces = [self._structure(batch.pos, batch.cell, pbc, host, i, int(start), int(n))
                   for i, (start, n) in enumerate(zip(starts.tolist(), batch.natoms.tolist()))]
         edge_index = torch.cat([local.long() + start for (local, _), start in zip(pieces, starts.tolist())], 1)
         cell_offsets = torch.cat([offsets for _, offsets in pieces]).to(batch.pos.dtype)
         neighbors = torch.tensor([local.shape[1] for local, _ in pieces], dtype=torch.long)
         return edge_index.to(batch.pos.device), cell_offsets.to(batch.pos.device), neighbors.to(batch.pos.device)
 
-    def _structure(self, batch: Batch, index: int, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = batch.pos[start:start + n].detach()
-        cell = batch.cell[index:index + 1].detach()
-        pbc = batch.pbc.view(-1, 3)[index:index + 1] if "pbc" in batch else None
-        if not self.max_structures:
+    def _structure(self, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor | None,
+                   host: list[torch.Tensor | None] | None, index: int, start: int, n: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        atoms, one = slice(start, start + n), slice(index, index + 1)
+        pos, cell, pbc = pos[atoms].detach(), cell[one].detach(), pbc[one] if pbc is not None else None
+        if host is None:
             return self._build(pos, cell, pbc)
-        key = _key(batch.atomic_numbers[start:start + n], pos, cell, pbc)
+        numbers, host_pos, host_cell, host_pbc = host
+        key = _key(numbers[atoms], host_pos[atoms], host_cell[one], host_pbc[one] if host_pbc is not None else None)
         found = self._graphs.get(key)
         if found is not None:
             self.hits += 1
@@ -77,9 +83,10 @@ class GraphCache:
 
 
 def _key(numbers: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor | None) -> bytes:
+    """A 16-byte digest of a structure's CPU tensors (dtype and bytes of each)."""
     digest = hashlib.blake2b(digest_size=16)
     for tensor in (numbers, pos, cell, pbc):
         if tensor is not None:
             digest.update(str(tensor.dtype).encode())
-            digest.update(tensor.cpu().contiguous().numpy().tobytes())
+            digest.update(tensor.contiguous().numpy().tobytes())
     return digest.digest()
