@@ -298,7 +298,8 @@ def test_a_study_over_data_regimes_trains_each_on_its_share_and_scores_against_t
 
     config = load_config(StudyConfig, [study_yaml], {
         "out": str(tmp_path / "out"), "seeds": (0,), "strategies": (), "cka.enabled": False,
-        "regimes.dft_fraction": (1.0, 0.5, 0.0), "regimes.synthetic_scale": (1.0,)})
+        "regimes.dft_fraction": (1.0, 0.5, 0.0), "regimes.synthetic_scale": (1.0,),
+        "student.train.energy_coefficient": 4.0})
     report = run_study(config, progress=False)
     out = Path(config.out)
     rows = {row["label"]: row for row in report["tables"]["val"]}
@@ -308,6 +309,8 @@ def test_a_study_over_data_regimes_trains_each_on_its_share_and_scores_against_t
     def run_config(label: str) -> dict:
         return json.loads((out / "runs" / label / "seed0" / "config.json").read_text())
 
+    assert run_config("student")["energy_coefficient"] == 4.0  # the student's budget reaches every run
+    assert json.loads((out / "teacher" / "config.json").read_text())["energy_coefficient"] == 1.0
     half = run_config("student_f0.5")["train"]
     assert half == [str(out / "data" / "regimes" / "dft-f0.5")] and len(FrameDataset(half[0])) == 4  # of 8 systems
     scaled = run_config("rattle_a0.5_x1_f0.5")

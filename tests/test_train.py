@@ -50,7 +50,8 @@ def test_mixed_training_writes_run_files_and_the_export_runs_in_ocpcalculator(da
     from fairchem.core.common.relaxation.ase_utils import OCPCalculator
 
     summary = run_train(config(data, tmp_path, synthetic=(data["synthetic"],), mix_ratio=0.5, rs_dft=0.5,
-                               val=(data["val"], data["dft"]), normalize=True), progress=False)
+                               val=(data["val"], data["dft"]), normalize=True, energy_coefficient=4.0),
+                        progress=False)
     assert summary["steps"] == 6
     assert {"checkpoint.pt", "student.pt", "log.jsonl", "curves.png", "config.json"} <= {
         p.name for p in tmp_path.iterdir()}
@@ -65,6 +66,8 @@ def test_mixed_training_writes_run_files_and_the_export_runs_in_ocpcalculator(da
     energy_norm, forces_norm = exported["normalizers"]["energy"], exported["normalizers"]["forces"]
     assert float(energy_norm["rmsd"]) not in (1.0, float(forces_norm["rmsd"])) and float(forces_norm["rmsd"]) != 1.0
     assert exported["elementrefs"]["energy"]["element_references"][[1, 6, 8, 29, 78, 79]].all()
+    assert exported["config"]["loss_functions"] == [{"energy": {"fn": "mae", "coefficient": 4.0}},
+                                                    {"forces": {"fn": "l2mae", "coefficient": 100.0}}]
 
     atoms = emt_slab("Pt", "H", seed=3)
     expected = load_model(None, tmp_path / "student.pt")
@@ -171,6 +174,8 @@ def test_torchrun_two_ranks_train_on_disjoint_samples(data, tmp_path):
     (["--mix-ratio", "1.5"], "--mix-ratio"),
     (["--mix-ratio", "0.5"], "--mix-ratio"),
     (["--rs-dft", "0"], "--rs-dft"),
+    (["--energy-coefficient", "-1"], "--energy-coefficient"),
+    (["--energy-coefficient", "0", "--force-coefficient", "0"], "--force-coefficient"),
     (["--kd", "v2v", "--teacher", "emt", "--student", "schnet-tiny"], "--kd"),
     (["--kd", "n2n"], "--teacher"),
     (["--student", "emt"], "--student"),

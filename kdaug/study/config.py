@@ -57,6 +57,10 @@ class Budget:
     energy_reference: Literal["linear", "none"] | None = option(None, help="per-element energy references (kdaug "
                                                                           "train --energy-reference)")
     normalize: bool | None = option(None, help="output normalizers (kdaug train --normalize)")
+    energy_coefficient: float | None = option(None, help="alpha_E, weight of the energy loss (kdaug train "
+                                                         "--energy-coefficient)")
+    force_coefficient: float | None = option(None, help="alpha_F, weight of the force loss (kdaug train "
+                                                        "--force-coefficient)")
     early_stopping: int = option(
         5, help="stop a run after this many validations without improvement of the monitored metric and keep "
                 "its best weights (kdaug train --early-stopping; every study run stops this way)")
@@ -74,6 +78,9 @@ class Budget:
             (self.lr is None or self.lr > 0, "lr", "a positive learning rate"),
             (self.ema_decay is None or 0 <= self.ema_decay < 1, "ema_decay", "a value in [0, 1)"),
             (self.val_every is None or self.val_every > 0, "val_every", "a positive number of steps"),
+            (self.energy_coefficient is None or self.energy_coefficient >= 0, "energy_coefficient",
+             "a weight >= 0"),
+            (self.force_coefficient is None or self.force_coefficient >= 0, "force_coefficient", "a weight >= 0"),
             (self.early_stopping > 0, "early_stopping",
              "a positive number of validations (every study run stops early)"),
         ])

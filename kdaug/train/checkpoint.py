@@ -17,10 +17,13 @@ import torch
 
 from kdaug.data.run_record import atomic_write
 from kdaug.models.fairchem_v1 import FairchemModel
+from kdaug.train.losses import LossWeights
 
 
-def fairchem_config(student: FairchemModel, *, batch_size: int, seed: int) -> dict[str, Any]:
-    """A fairchem v1 (OCP 2.x layout) config that its `OCPCalculator` and trainers accept."""
+def fairchem_config(student: FairchemModel, *, batch_size: int, seed: int,
+                    loss_weights: LossWeights = LossWeights()) -> dict[str, Any]:
+    """A fairchem v1 (OCP 2.x layout) config that its `OCPCalculator` and trainers accept; its loss functions
+    carry the coefficients the student was trained with."""
     return {
         "trainer": "ocp",
         "model": {"name": student.model_name, **student.model_kwargs},
@@ -29,8 +32,8 @@ def fairchem_config(student: FairchemModel, *, batch_size: int, seed: int) -> di
             "energy": {"level": "system"},
             "forces": {"level": "atom", "train_on_free_atoms": True, "eval_on_free_atoms": True},
         },
-        "loss_functions": [{"energy": {"fn": "mae", "coefficient": 1}},
-                           {"forces": {"fn": "l2mae", "coefficient": 100}}],
+        "loss_functions": [{"energy": {"fn": "mae", "coefficient": loss_weights.energy}},
+                           {"forces": {"fn": "l2mae", "coefficient": loss_weights.forces}}],
         "evaluation_metrics": {"metrics": {"energy": ["mae"], "forces": ["mae", "cosine_similarity"]}},
         "optim": {"batch_size": batch_size, "eval_batch_size": batch_size},
         "dataset": {"format": "lmdb", "src": ""},
@@ -39,9 +42,11 @@ def fairchem_config(student: FairchemModel, *, batch_size: int, seed: int) -> di
     }
 
 
-def export_student(student: FairchemModel, path: Path, *, batch_size: int, seed: int) -> None:
+def export_student(student: FairchemModel, path: Path, *, batch_size: int, seed: int,
+                   loss_weights: LossWeights = LossWeights()) -> None:
     """Write the student's current weights and output transform as a fairchem v1 checkpoint."""
     state = {f"module.{key}": value.detach().cpu() for key, value in student.module.state_dict().items()}
-    checkpoint = {"state_dict": state, "config": fairchem_config(student, batch_size=batch_size, seed=seed),
+    config = fairchem_config(student, batch_size=batch_size, seed=seed, loss_weights=loss_weights)
+    checkpoint = {"state_dict": state, "config": config,
                   **student.output_transform.checkpoint_entries(), "amp": None}
     atomic_write(path, lambda handle: torch.save(checkpoint, handle))

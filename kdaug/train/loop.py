@@ -381,7 +381,7 @@ class Trainer:
             best = self.config.early_stopping is not None and monitor.best_weights is not None
             with _BestWeights(self.student, monitor.best_weights) if best else self.ema_weights():
                 export_student(self.student, self.out / "student.pt", batch_size=self.config.batch_size,
-                               seed=self.config.seed)
+                               seed=self.config.seed, loss_weights=self.loss_weights)
             if metrics is not None:
                 summary["val"] = monitor.best_metrics if best else metrics
             plot_curves(self.out / "log.jsonl", self.out / "curves.png")
