@@ -199,6 +199,9 @@ def test_bad_study_config_is_one_line(tmp_path, study_yaml):
     assert result.stderr.startswith(f"kdaug study: error: {bad}: unknown key(s) strategy;")
     result = kdaug("study", str(study_yaml), "--seeds", "1", "1")
     assert result.stderr.strip() == "kdaug study: error: --seeds (1, 1): expected distinct seeds (at least one)"
+    result = kdaug("study", str(study_yaml), "--student.train.energy-coefficient", "-1")
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "energy" in result.stderr and "a weight >= 0" in result.stderr, result.stderr
 
 
 def test_bulk_databases_hold_only_the_asked_elements(tmp_path, study_yaml):
